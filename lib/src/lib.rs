@@ -1,0 +1,17 @@
+//! DiffExplainer: global explanations of image classifiers by optimizing a soft prompt through a
+//! differentiable latent diffusion model (Pennisi et al., "Towards Cross-modal Global
+//! Explanations with Diffusion Models").
+//!
+//! Layers, each depending only on those above it:
+//! - [`ops`]: differentiable primitives (norms, softmax, attention, pools, resize) whose
+//!   backward candle's fused kernels lack.
+//! - [`weights`]: checkpoint loading (safetensors, PyTorch pickles) with precise errors.
+//! - [`models`]: the networks, named like their checkpoints: CLIP text encoder, classifiers.
+//! - [`parity`]: data-driven parity cases against the reference libraries.
+//! - [`testing`]: finite-difference gradient checks.
+
+pub mod models;
+pub mod ops;
+pub mod parity;
+pub mod testing;
+pub mod weights;

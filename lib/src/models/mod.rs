@@ -1,0 +1,4 @@
+//! The networks. Each file spells its checkpoint's parameter names through `VarBuilder`
+//! prefixes, so reference weights load with no renaming table.
+
+pub mod classifiers;

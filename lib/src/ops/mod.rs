@@ -1,0 +1,36 @@
+//! Differentiable primitives.
+//!
+//! candle 0.11's fused kernels (`candle_nn::ops::softmax_last_dim`, `layer_norm`, `rms_norm`,
+//! `sdpa`) record no backward, so a gradient through them is silently cut; its `max_pool2d`
+//! backward only handles kernel == stride, `upsample_bilinear2d` has none, and
+//! `upsample_nearest2d`'s backward overwrites instead of accumulating. Every op here is composed
+//! from candle primitives whose backward is correct (matmul, broadcast arithmetic, reductions,
+//! narrow/reshape, conv2d), so autograd is exact; each has a finite-difference test and a parity
+//! case against PyTorch (`tests/parity/cases/op_*`).
+//!
+//! Half-precision inputs are computed in f32 where a reduction is involved (norms, softmax) and
+//! cast back, the way PyTorch's kernels accumulate.
+
+pub mod activation;
+pub mod attention;
+pub mod norm;
+pub mod pool;
+pub mod resize;
+pub mod softmax;
+
+pub use activation::{gelu_erf, gelu_tanh, quick_gelu, silu, Activation};
+pub use attention::{scaled_dot_product_attention, AttentionMask};
+pub use norm::{group_norm, layer_norm, BatchNorm2d, GroupNorm, LayerNorm};
+pub use pool::{adaptive_avg_pool2d, avg_pool2d, max_pool2d};
+pub use resize::{resize_bilinear, upsample_nearest2x};
+pub use softmax::{log_softmax_last_dim, softmax_last_dim};
+
+use candle_core::{DType, Result, Tensor};
+
+/// Runs `f` in f32 when `x` is half precision, casting the result back to `x`'s dtype.
+pub(crate) fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
+        _ => f(x),
+    }
+}

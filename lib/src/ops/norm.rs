@@ -1,0 +1,155 @@
+//! Normalization layers, composed from reductions so that autograd is exact (candle's fused
+//! `layer_norm` records no backward).
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::in_f32;
+
+/// Normalizes over the last dimension, then applies the optional affine `weight`, `bias`.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let y = in_f32(x, |x| {
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        centered.broadcast_div(&(var + eps)?.sqrt()?)
+    })?;
+    affine(y, weight, bias)
+}
+
+/// Group normalization of `[batch, channels, ...]`: statistics over each group of
+/// `channels / num_groups` channels and all spatial positions; per-channel affine.
+pub fn group_norm(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 || dims[1] % num_groups != 0 {
+        candle_core::bail!("group_norm: input shape {dims:?} has channels (dim 1) not divisible by {num_groups} groups")
+    }
+    let y = in_f32(x, |x| {
+        let grouped = x.reshape((dims[0], num_groups, ()))?;
+        let centered = grouped.broadcast_sub(&grouped.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        centered
+            .broadcast_div(&(var + eps)?.sqrt()?)?
+            .reshape(dims.as_slice())
+    })?;
+    // Per-channel parameters broadcast as [C, 1, 1, ...].
+    let channel_shape: Vec<usize> = std::iter::once(dims[1])
+        .chain(std::iter::repeat_n(1, dims.len() - 2))
+        .collect();
+    let weight = weight
+        .map(|w| w.reshape(channel_shape.as_slice()))
+        .transpose()?;
+    let bias = bias
+        .map(|b| b.reshape(channel_shape.as_slice()))
+        .transpose()?;
+    affine(y, weight.as_ref(), bias.as_ref())
+}
+
+fn affine(y: Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = match weight {
+        Some(w) => y.broadcast_mul(w)?,
+        None => y,
+    };
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `LayerNorm` with PyTorch's parameter names (`weight`, `bias`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: Some(vb.get(dim, "bias")?),
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, Some(&self.weight), self.bias.as_ref(), self.eps)
+    }
+}
+
+/// `GroupNorm` with PyTorch's parameter names (`weight`, `bias`).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    pub num_groups: usize,
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, num_groups: usize, num_channels: usize, eps: f64) -> Result<Self> {
+        if num_channels % num_groups != 0 {
+            candle_core::bail!("GroupNorm at `{}`: {num_channels} channels are not divisible by {num_groups} groups", vb.prefix())
+        }
+        Ok(Self {
+            num_groups,
+            weight: vb.get(num_channels, "weight")?,
+            bias: vb.get(num_channels, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm(
+            x,
+            self.num_groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+        )
+    }
+}
+
+/// Inference-mode `BatchNorm2d` (running statistics), loaded from PyTorch's `weight`, `bias`,
+/// `running_mean`, `running_var` and folded into one per-channel scale and shift.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    scale: Tensor,
+    shift: Tensor,
+}
+
+impl BatchNorm2d {
+    pub fn new(vb: VarBuilder, channels: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        let mean = vb.get(channels, "running_mean")?;
+        let var = vb.get(channels, "running_var")?;
+        let scale = weight.div(&(var + eps)?.sqrt()?)?;
+        let shift = bias.sub(&mean.mul(&scale)?)?;
+        Ok(Self {
+            scale: scale.reshape((channels, 1, 1))?,
+            shift: shift.reshape((channels, 1, 1))?,
+        })
+    }
+}
+
+impl Module for BatchNorm2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
+    }
+}

@@ -1,0 +1,113 @@
+//! One runner per module kind: build the module from the case's config and weights, run it on
+//! the case's inputs, return the named outputs. Glue only; the modules live in `ops` and `models`.
+
+use std::collections::HashMap;
+
+use candle_core::{Module, Tensor};
+use serde::Deserialize;
+
+use super::CaseInputs;
+use crate::ops;
+
+pub type Outputs = HashMap<String, Tensor>;
+pub type Runner = fn(&CaseInputs) -> anyhow::Result<Outputs>;
+
+/// Every kind a case may name.
+pub const KINDS: &[(&str, Runner)] = &[
+    ("op.layer_norm", layer_norm),
+    ("op.group_norm", group_norm),
+    ("op.softmax", |c| unary(c, ops::softmax_last_dim)),
+    ("op.log_softmax", |c| unary(c, ops::log_softmax_last_dim)),
+    ("op.attention", attention),
+    ("op.gelu_erf", |c| unary(c, ops::gelu_erf)),
+    ("op.gelu_tanh", |c| unary(c, ops::gelu_tanh)),
+    ("op.quick_gelu", |c| unary(c, ops::quick_gelu)),
+    ("op.silu", |c| unary(c, ops::silu)),
+    ("op.max_pool2d", |c| pool(c, ops::max_pool2d)),
+    ("op.avg_pool2d", |c| pool(c, ops::avg_pool2d)),
+    ("op.adaptive_avg_pool2d", adaptive_avg_pool2d),
+    ("op.upsample_nearest2x", |c| {
+        unary(c, ops::upsample_nearest2x)
+    }),
+    ("op.resize_bilinear", resize_bilinear),
+];
+
+pub fn runner(kind: &str) -> Option<Runner> {
+    KINDS.iter().find(|(k, _)| *k == kind).map(|(_, r)| *r)
+}
+
+fn single(y: Tensor) -> anyhow::Result<Outputs> {
+    Ok(HashMap::from([("y".to_string(), y)]))
+}
+
+fn unary(
+    case: &CaseInputs,
+    op: fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> anyhow::Result<Outputs> {
+    single(op(case.input("x")?)?)
+}
+
+#[derive(Deserialize)]
+struct NormConfig {
+    eps: f64,
+    #[serde(default)]
+    num_groups: usize,
+}
+
+fn layer_norm(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg: NormConfig = case.config()?;
+    let x = case.input("x")?;
+    let dim = x.dim(candle_core::D::Minus1)?;
+    single(ops::LayerNorm::new(case.weights()?, dim, cfg.eps)?.forward(x)?)
+}
+
+fn group_norm(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg: NormConfig = case.config()?;
+    let x = case.input("x")?;
+    single(ops::GroupNorm::new(case.weights()?, cfg.num_groups, x.dim(1)?, cfg.eps)?.forward(x)?)
+}
+
+fn attention(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let causal = case.option::<bool>("causal")?.unwrap_or(false);
+    let scale = case.option::<f64>("scale")?;
+    let mask = case.inputs.get("mask");
+    let mask = match (causal, mask) {
+        (false, None) => ops::AttentionMask::None,
+        (true, None) => ops::AttentionMask::Causal,
+        (false, Some(m)) => ops::AttentionMask::Additive(m),
+        (true, Some(m)) => ops::AttentionMask::CausalAndAdditive(m),
+    };
+    single(ops::scaled_dot_product_attention(
+        case.input("q")?,
+        case.input("k")?,
+        case.input("v")?,
+        mask,
+        scale,
+    )?)
+}
+
+fn pool(
+    case: &CaseInputs,
+    op: fn(&Tensor, usize, usize, usize) -> candle_core::Result<Tensor>,
+) -> anyhow::Result<Outputs> {
+    let kernel = required(case, "kernel")?;
+    let stride = case.option::<usize>("stride")?.unwrap_or(kernel);
+    let padding = case.option::<usize>("padding")?.unwrap_or(0);
+    single(op(case.input("x")?, kernel, stride, padding)?)
+}
+
+fn adaptive_avg_pool2d(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let [h, w]: [usize; 2] = required(case, "output_size")?;
+    single(ops::adaptive_avg_pool2d(case.input("x")?, (h, w))?)
+}
+
+fn resize_bilinear(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let [h, w]: [usize; 2] = required(case, "size")?;
+    let antialias = case.option::<bool>("antialias")?.unwrap_or(false);
+    single(ops::resize_bilinear(case.input("x")?, (h, w), antialias)?)
+}
+
+fn required<T: serde::de::DeserializeOwned>(case: &CaseInputs, name: &str) -> anyhow::Result<T> {
+    case.option(name)?
+        .ok_or_else(|| anyhow::anyhow!("{}: case.json needs option `{name}`", case.dir.display()))
+}

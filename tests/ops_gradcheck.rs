@@ -1,0 +1,243 @@
+//! Central finite differences (f64) against candle's autograd for every differentiable op.
+//! A cut gradient (zero) or a wrong backward fails here without any reference library.
+
+use candle_core::{Device, Module, Result, Tensor};
+use diffexplainer::ops::{self, AttentionMask};
+use diffexplainer::testing::{check_gradient, pseudo_random_tensor};
+
+const STEP: f64 = 1e-6;
+const BAR: f64 = 1e-6;
+
+fn input(shape: &[usize], scale: f64, seed: u64) -> Tensor {
+    pseudo_random_tensor(shape, scale, seed, &Device::Cpu).unwrap()
+}
+
+fn assert_gradient(name: &str, f: impl Fn(&Tensor) -> Result<Tensor>, x: &Tensor) {
+    let check = check_gradient(f, x, STEP, 64).unwrap();
+    assert!(
+        check.scale > 1e-3,
+        "{name}: the gradient is ~0 (scale {}), the check proves nothing",
+        check.scale
+    );
+    assert!(
+        check.max_rel_error < BAR,
+        "{name}: analytic vs finite-difference gradient differ by {:.3e} (relative) over {} coords",
+        check.max_rel_error,
+        check.checked
+    );
+}
+
+#[test]
+fn layer_norm() {
+    let w = input(&[16], 1.0, 1);
+    let b = input(&[16], 1.0, 2);
+    assert_gradient(
+        "layer_norm",
+        |x| ops::layer_norm(x, Some(&w), Some(&b), 1e-5),
+        &input(&[3, 4, 16], 2.0, 3),
+    );
+}
+
+#[test]
+fn group_norm() {
+    let w = input(&[8], 1.0, 1);
+    let b = input(&[8], 1.0, 2);
+    assert_gradient(
+        "group_norm",
+        |x| ops::group_norm(x, 4, Some(&w), Some(&b), 1e-6),
+        &input(&[2, 8, 3, 5], 2.0, 4),
+    );
+}
+
+#[test]
+fn batch_norm_eval() {
+    use candle_nn::VarBuilder;
+    use std::collections::HashMap;
+    let tensors = HashMap::from([
+        ("weight".to_string(), input(&[4], 1.0, 1)),
+        ("bias".to_string(), input(&[4], 1.0, 2)),
+        ("running_mean".to_string(), input(&[4], 1.0, 3)),
+        (
+            "running_var".to_string(),
+            (input(&[4], 0.5, 4) + 1.0).unwrap(),
+        ),
+    ]);
+    let vb = VarBuilder::from_tensors(tensors, candle_core::DType::F64, &Device::Cpu);
+    let bn = ops::BatchNorm2d::new(vb, 4, 1e-5).unwrap();
+    assert_gradient(
+        "batch_norm2d",
+        |x| bn.forward(x),
+        &input(&[2, 4, 3, 3], 2.0, 5),
+    );
+}
+
+#[test]
+fn softmax_and_log_softmax() {
+    assert_gradient("softmax", ops::softmax_last_dim, &input(&[3, 5, 7], 3.0, 6));
+    assert_gradient(
+        "log_softmax",
+        ops::log_softmax_last_dim,
+        &input(&[3, 5, 7], 3.0, 7),
+    );
+}
+
+#[test]
+fn attention_gradients_reach_queries_keys_and_values() {
+    let q = input(&[2, 2, 5, 4], 1.0, 8);
+    let k = input(&[2, 2, 6, 4], 1.0, 9);
+    let v = input(&[2, 2, 6, 3], 1.0, 10);
+    let mask = input(&[2, 1, 5, 6], 2.0, 11);
+    assert_gradient(
+        "attention d/dq (additive mask)",
+        |q| ops::scaled_dot_product_attention(q, &k, &v, AttentionMask::Additive(&mask), None),
+        &q,
+    );
+    assert_gradient(
+        "attention d/dk",
+        |k| ops::scaled_dot_product_attention(&q, k, &v, AttentionMask::None, None),
+        &k,
+    );
+    assert_gradient(
+        "attention d/dv",
+        |v| ops::scaled_dot_product_attention(&q, &k, v, AttentionMask::None, Some(0.3)),
+        &v,
+    );
+    let kc = input(&[2, 2, 5, 4], 1.0, 12);
+    let vc = input(&[2, 2, 5, 3], 1.0, 13);
+    assert_gradient(
+        "attention causal d/dk",
+        |k| ops::scaled_dot_product_attention(&q, k, &vc, AttentionMask::Causal, None),
+        &kc,
+    );
+}
+
+#[test]
+fn activations() {
+    let x = input(&[4, 9], 4.0, 14);
+    assert_gradient("gelu_erf", ops::gelu_erf, &x);
+    // candle's tanh-GELU backward uses 6-digit constants: its error is ~1e-6 relative.
+    let check = check_gradient(ops::gelu_tanh, &x, STEP, 64).unwrap();
+    assert!(
+        check.max_rel_error < 1e-5,
+        "gelu_tanh: {:.3e}",
+        check.max_rel_error
+    );
+    assert_gradient("quick_gelu", ops::quick_gelu, &x);
+    assert_gradient("silu", ops::silu, &x);
+}
+
+#[test]
+fn max_pool_resnet_stem_overlapping_windows() {
+    // Distinct values so the max of each window is unique (the derivative exists).
+    let x = input(&[1, 2, 9, 9], 5.0, 15);
+    assert_gradient("max_pool2d 3x3/s2/p1", |x| ops::max_pool2d(x, 3, 2, 1), &x);
+    assert_gradient("max_pool2d 2x2/s2", |x| ops::max_pool2d(x, 2, 2, 0), &x);
+}
+
+#[test]
+fn average_pools() {
+    let x = input(&[1, 2, 9, 8], 1.0, 16);
+    assert_gradient("avg_pool2d 3x3/s2/p1", |x| ops::avg_pool2d(x, 3, 2, 1), &x);
+    assert_gradient(
+        "adaptive_avg_pool2d 9x8->7x7",
+        |x| ops::adaptive_avg_pool2d(x, (7, 7)),
+        &x,
+    );
+    assert_gradient(
+        "adaptive_avg_pool2d 9x8->1x1",
+        |x| ops::adaptive_avg_pool2d(x, (1, 1)),
+        &x,
+    );
+}
+
+#[test]
+fn nearest_upsample_accumulates() {
+    let x = input(&[1, 2, 3, 4], 1.0, 17);
+    assert_gradient("upsample_nearest2x", ops::upsample_nearest2x, &x);
+    // All-ones cotangent: each input pixel feeds four outputs, so its gradient is exactly 4
+    // (candle's own upsample backward overwrites and would give 1).
+    let var = candle_core::Var::from_tensor(&x).unwrap();
+    let grads = ops::upsample_nearest2x(var.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = grads
+        .get(var.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    assert!(g.iter().all(|v| (v - 4.0).abs() < 1e-12), "{g:?}");
+}
+
+#[test]
+fn bilinear_resize() {
+    let x = input(&[1, 2, 13, 11], 1.0, 18);
+    assert_gradient(
+        "resize 13x11->5x4 antialias",
+        |x| ops::resize_bilinear(x, (5, 4), true),
+        &x,
+    );
+    assert_gradient(
+        "resize 13x11->5x4",
+        |x| ops::resize_bilinear(x, (5, 4), false),
+        &x,
+    );
+    assert_gradient(
+        "resize 13x11->20x17",
+        |x| ops::resize_bilinear(x, (20, 17), false),
+        &x,
+    );
+}
+
+#[test]
+fn resize_weights_preserve_constants() {
+    // Each interpolation row sums to one: a constant image stays constant, any scale factor.
+    for (from, to, aa) in [
+        (512, 224, true),
+        (512, 256, true),
+        (7, 19, false),
+        (37, 16, false),
+        (37, 16, true),
+    ] {
+        let m = ops::resize::bilinear_matrix(from, to, aa, candle_core::DType::F64, &Device::Cpu)
+            .unwrap();
+        let sums = m.sum(1).unwrap().to_vec1::<f64>().unwrap();
+        assert!(
+            sums.iter().all(|s| (s - 1.0).abs() < 1e-12),
+            "{from}->{to} aa={aa}: {sums:?}"
+        );
+    }
+}
+
+/// Negative controls: the checker must catch the stock fused kernels whose gradient is cut.
+/// If candle ever records a backward for them, these fail and tell us to revisit `ops`.
+#[test]
+fn checker_catches_candles_cut_gradients() {
+    let x = input(&[3, 7], 3.0, 19);
+    let check = check_gradient(|x| candle_nn::ops::softmax_last_dim(x), &x, STEP, 64).unwrap();
+    assert!(
+        check.max_rel_error > 0.5,
+        "stock softmax_last_dim now differentiates correctly? {:.3e}",
+        check.max_rel_error
+    );
+    let w = input(&[7], 1.0, 20);
+    let b = input(&[7], 1.0, 21);
+    // The fused layer norm has no f64 kernel: run it in f32 (the finite differences are coarser,
+    // but a cut gradient is off by 100%, not by 1e-3).
+    let f32 = candle_core::DType::F32;
+    let (w, b) = (w.to_dtype(f32).unwrap(), b.to_dtype(f32).unwrap());
+    let fused = |x: &Tensor| {
+        candle_nn::ops::layer_norm(&x.to_dtype(f32)?, &w, &b, 1e-5)?
+            .to_dtype(candle_core::DType::F64)
+    };
+    let check = check_gradient(fused, &x, 1e-3, 64).unwrap();
+    assert!(
+        check.max_rel_error > 0.5,
+        "stock layer_norm now differentiates correctly? {:.3e}",
+        check.max_rel_error
+    );
+}
