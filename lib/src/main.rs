@@ -23,16 +23,19 @@ enum Command {
         /// Case folders, or folders containing case folders.
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
+        /// Print one Markdown table (module kind, reference, worst errors) instead.
+        #[arg(long)]
+        markdown: bool,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Parity { dirs } => parity(&dirs),
+        Command::Parity { dirs, markdown } => parity(&dirs, markdown),
     }
 }
 
-fn parity(dirs: &[PathBuf]) -> anyhow::Result<()> {
+fn parity(dirs: &[PathBuf], markdown: bool) -> anyhow::Result<()> {
     let mut cases = Vec::new();
     for dir in dirs {
         if dir.join("case.json").is_file() {
@@ -46,8 +49,20 @@ fn parity(dirs: &[PathBuf]) -> anyhow::Result<()> {
         }
     }
     let (mut passed, mut failed) = (0, 0);
+    if markdown {
+        println!("| case | kind | reference | worst forward rel. error | worst input-gradient rel. error | result |");
+        println!("|---|---|---|---|---|---|");
+    }
     for case in &cases {
         match diffexplainer::parity::run_case(case) {
+            Ok(report) if markdown => {
+                println!("{}", markdown_row(&report));
+                if report.passed() {
+                    passed += 1
+                } else {
+                    failed += 1
+                }
+            }
             Ok(report) => {
                 print!("{report}");
                 if report.passed() {
@@ -67,4 +82,31 @@ fn parity(dirs: &[PathBuf]) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+fn markdown_row(report: &diffexplainer::parity::CaseReport) -> String {
+    let worst = |grad: bool| {
+        report
+            .comparisons
+            .iter()
+            .filter(|c| c.name.starts_with("grad.") == grad)
+            .map(|c| c.rel)
+            .fold(None, |acc: Option<f64>, r| {
+                Some(acc.map_or(r, |a| a.max(r)))
+            })
+            .map_or("-".to_string(), |r| format!("{r:.1e}"))
+    };
+    let name = report
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    format!(
+        "| {name} | `{}` | {} | {} | {} | {} |",
+        report.kind,
+        report.reference,
+        worst(false),
+        worst(true),
+        if report.passed() { "pass" } else { "FAIL" }
+    )
 }
