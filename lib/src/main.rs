@@ -23,6 +23,9 @@ enum Command {
         /// Case folders, or folders containing case folders.
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
+        /// Where to run: `cpu` or `cuda` (needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Print one Markdown table (module kind, reference, worst errors) instead.
         #[arg(long)]
         markdown: bool,
@@ -31,11 +34,20 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Parity { dirs, markdown } => parity(&dirs, markdown),
+        Command::Parity {
+            dirs,
+            markdown,
+            device,
+        } => parity(&dirs, markdown, &device),
     }
 }
 
-fn parity(dirs: &[PathBuf], markdown: bool) -> anyhow::Result<()> {
+fn parity(dirs: &[PathBuf], markdown: bool, device: &str) -> anyhow::Result<()> {
+    let device = match device {
+        "cpu" => candle_core::Device::Cpu,
+        "cuda" => candle_core::Device::new_cuda(0)?,
+        other => anyhow::bail!("unknown device `{other}` (use cpu or cuda)"),
+    };
     let mut cases = Vec::new();
     for dir in dirs {
         if dir.join("case.json").is_file() {
@@ -54,7 +66,7 @@ fn parity(dirs: &[PathBuf], markdown: bool) -> anyhow::Result<()> {
         println!("|---|---|---|---|---|---|");
     }
     for case in &cases {
-        match diffexplainer::parity::run_case(case) {
+        match diffexplainer::parity::run_case_on(case, &device) {
             Ok(report) if markdown => {
                 println!("{}", markdown_row(&report));
                 if report.passed() {

@@ -177,6 +177,11 @@ pub fn find_cases(root: impl AsRef<Path>) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Runs one case folder on the CPU in f32.
 pub fn run_case(dir: impl AsRef<Path>) -> anyhow::Result<CaseReport> {
+    run_case_on(dir, &Device::Cpu)
+}
+
+/// Runs one case folder in f32 on `device` (the CUDA path is checked with the same bars).
+pub fn run_case_on(dir: impl AsRef<Path>, device: &Device) -> anyhow::Result<CaseReport> {
     let dir = dir.as_ref();
     let spec: CaseSpec = read_json(&dir.join("case.json"))?;
     let runner = kinds::runner(&spec.kind).ok_or_else(|| {
@@ -187,7 +192,6 @@ pub fn run_case(dir: impl AsRef<Path>) -> anyhow::Result<CaseReport> {
             KINDS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
         )
     })?;
-    let device = Device::Cpu;
     let config_path = dir.join("config.json");
     let config = if config_path.is_file() {
         read_json(&config_path)?
@@ -208,6 +212,7 @@ pub fn run_case(dir: impl AsRef<Path>) -> anyhow::Result<CaseReport> {
     let mut vars: HashMap<String, Var> = HashMap::new();
     let mut inputs = HashMap::new();
     for (name, tensor) in raw_inputs {
+        let tensor = tensor.to_device(device)?;
         if spec.grad_inputs.contains(&name) {
             let var = Var::from_tensor(&tensor)?;
             inputs.insert(name.clone(), var.as_tensor().clone());
@@ -251,7 +256,7 @@ pub fn run_case(dir: impl AsRef<Path>) -> anyhow::Result<CaseReport> {
         comparisons.push(compare(name, ours, want, spec.tolerance.forward_rel)?);
         if !spec.grad_inputs.is_empty() {
             let cot = get(&cotangents, name, dir, "cotangents.safetensors")?;
-            let term = ours.mul(cot)?.sum_all()?;
+            let term = ours.mul(&cot.to_device(device)?)?.sum_all()?;
             objective = Some(match objective {
                 None => term,
                 Some(acc) => (acc + term)?,
