@@ -2,10 +2,10 @@
 //! soft prompt can be optimized through it.
 //!
 //! Stable Diffusion conditions its UNet on this encoder's `last_hidden_state` (SD 1.x: OpenAI
-//! CLIP ViT-L/14, `hidden_act = "quick_gelu"`; SD 2.x: OpenCLIP ViT-H, `"gelu"`, and its
-//! pipelines take the penultimate layer). DiffExplainer learns a few token embeddings — the soft
-//! prompt — in the encoder's input space, so the gradient of the classifier's logit must reach
-//! those embeddings through the whole encoder. Every op here records a backward (our
+//! CLIP ViT-L/14, `hidden_act = "quick_gelu"`; SD 2.x: OpenCLIP ViT-H, `"gelu"`, whose
+//! `text_encoder` checkpoint already stops one layer short, 23 of 24). DiffExplainer learns a few
+//! token embeddings — the soft prompt — in the encoder's input space, so the gradient of the
+//! classifier's logit must reach those embeddings through the whole encoder. Every op here records a backward (our
 //! [`crate::ops`] norms and attention, `Linear` matmuls, `index_select`), so it does.
 //!
 //! The soft-prompt path is three calls:
@@ -194,7 +194,7 @@ pub struct ClipTextOutput {
     /// Final-LayerNorm states, `[b, s, d]`.
     pub last_hidden_state: Tensor,
     /// The input of the last encoder layer (transformers' `hidden_states[-2]`, no final LN),
-    /// `[b, s, d]`: "clip skip 2", what SD 2.x pipelines condition on after a final LN.
+    /// `[b, s, d]`: diffusers' `clip_skip = 1` takes this, then applies the final LayerNorm.
     pub penultimate_hidden_state: Tensor,
     /// `last_hidden_state` at each row's end-of-text position, `[b, d]`.
     pub pooled: Tensor,
