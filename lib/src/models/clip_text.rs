@@ -5,8 +5,9 @@
 //! CLIP ViT-L/14, `hidden_act = "quick_gelu"`; SD 2.x: OpenCLIP ViT-H, `"gelu"`, whose
 //! `text_encoder` checkpoint already stops one layer short, 23 of 24). DiffExplainer learns a few
 //! token embeddings — the soft prompt — in the encoder's input space, so the gradient of the
-//! classifier's logit must reach those embeddings through the whole encoder. Every op here records a backward (our
-//! [`crate::ops`] norms and attention, `Linear` matmuls, `index_select`), so it does.
+//! classifier's logit must reach those embeddings through the whole encoder. Every op here
+//! records a backward (our [`crate::ops`] norms and attention, `Linear` matmuls,
+//! `index_select`), so it does.
 //!
 //! The soft-prompt path is three calls:
 //!
