@@ -476,25 +476,27 @@ impl ClipTextModel {
 
     /// Each row's pooled position, as transformers 5.24 picks it (see the module doc).
     fn pooled_positions(&self, ids: &[Vec<i64>]) -> Result<Vec<usize>> {
-        ids.iter()
-            .enumerate()
-            .map(|(row, r)| match self.cfg.eos_token_id {
+        let mut positions = Vec::with_capacity(ids.len());
+        for (row, r) in ids.iter().enumerate() {
+            let pos = match self.cfg.eos_token_id {
                 // Legacy configs (before transformers PR #24773): the first highest id.
-                Some(2) => Ok(r
-                    .iter()
-                    .enumerate()
-                    .fold((0, i64::MIN), |best, (pos, &id)| if id > best.1 { (pos, id) } else { best })
-                    .0),
-                Some(eos) => r.iter().position(|&id| id == eos as i64).ok_or_else(|| {
-                    candle_core::Error::Msg(format!(
+                Some(2) => {
+                    let max = r.iter().copied().max().unwrap_or(0);
+                    r.iter().position(|&id| id == max).unwrap_or(0)
+                }
+                Some(eos) => match r.iter().position(|&id| id == eos as i64) {
+                    Some(pos) => pos,
+                    None => bail!(
                         "CLIP text encoder: row {row} of input_ids has no end-of-text id {eos} \
                          to pool at (the tokenizer appends it; transformers would pool position 0)"
-                    ))
-                }),
+                    ),
+                },
                 None => bail!(
-                    "CLIP text encoder: the config has no eos_token_id, so there is no position to pool"
+                    "CLIP text encoder: the config has no eos_token_id, so no position to pool"
                 ),
-            })
-            .collect()
+            };
+            positions.push(pos);
+        }
+        Ok(positions)
     }
 }
