@@ -2,3 +2,4 @@
 //! prefixes, so reference weights load with no renaming table.
 
 pub mod classifiers;
+pub mod clip_text;

@@ -7,6 +7,7 @@ use candle_core::{Module, Tensor};
 use serde::Deserialize;
 
 use super::CaseInputs;
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::ops;
 
 pub type Outputs = HashMap<String, Tensor>;
@@ -30,6 +31,7 @@ pub const KINDS: &[(&str, Runner)] = &[
         unary(c, ops::upsample_nearest2x)
     }),
     ("op.resize_bilinear", resize_bilinear),
+    ("clip_text", clip_text),
 ];
 
 pub fn runner(kind: &str) -> Option<Runner> {
@@ -110,4 +112,20 @@ fn resize_bilinear(case: &CaseInputs) -> anyhow::Result<Outputs> {
 fn required<T: serde::de::DeserializeOwned>(case: &CaseInputs, name: &str) -> anyhow::Result<T> {
     case.option(name)?
         .ok_or_else(|| anyhow::anyhow!("{}: case.json needs option `{name}`", case.dir.display()))
+}
+
+/// `inputs_embeds` is the differentiated input (the soft prompt lives there); `input_ids` only
+/// pick the pooled position.
+fn clip_text(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg = ClipTextConfig::from_value(case.config.clone())?;
+    let model = ClipTextModel::new(case.weights()?, &cfg)?;
+    let out = model.forward_embeds(case.input("inputs_embeds")?, case.input("input_ids")?)?;
+    Ok(HashMap::from([
+        ("last_hidden_state".to_string(), out.last_hidden_state),
+        (
+            "penultimate_hidden_state".to_string(),
+            out.penultimate_hidden_state,
+        ),
+        ("pooler_output".to_string(), out.pooled),
+    ]))
 }
