@@ -122,11 +122,35 @@ fn check_class(class_id: usize, num_classes: usize) -> Result<()> {
     Ok(())
 }
 
+/// The network itself, one variant per architecture.
 #[derive(Debug, Clone)]
-pub enum Classifier {
+pub enum Network {
     ResNet(ResNet),
     Vgg(Vgg),
     Vit(VisionTransformer),
+}
+
+/// The per-channel input normalization a classifier expects (applied to images in [0, 1]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalization {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalization {
+    pub const IMAGENET: Self = Self {
+        mean: preprocess::IMAGENET_MEAN,
+        std: preprocess::IMAGENET_STD,
+    };
+}
+
+/// A classifier and the input normalization it was trained with: ImageNet's, unless the
+/// checkpoint declares its own (the `robustness` library stores it as `normalizer.new_mean`,
+/// `new_std` beside the model, and applies it inside the model; we apply it in [`Preprocess`]).
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    pub network: Network,
+    pub normalization: Normalization,
 }
 
 /// Key prefixes tried, in order, when loading: bare torchvision names, the Salient ImageNet /
@@ -138,12 +162,17 @@ const PREFIXES: &[&str] = &["", "module.model.", "module.", "model."];
 const STATE_DICT_KEYS: &[&str] = &["model", "state_dict"];
 
 impl Classifier {
-    /// Builds a classifier from a `VarBuilder` with torchvision's names (any dtype/device).
+    /// Builds a classifier from a `VarBuilder` with torchvision's names (any dtype/device),
+    /// expecting ImageNet-normalized inputs.
     pub fn new(vb: VarBuilder, config: &ClassifierConfig) -> Result<Self> {
-        Ok(match config {
-            ClassifierConfig::ResNet(c) => Self::ResNet(ResNet::new(vb, c)?),
-            ClassifierConfig::Vgg(c) => Self::Vgg(Vgg::new(vb, c)?),
-            ClassifierConfig::Vit(c) => Self::Vit(VisionTransformer::new(vb, c)?),
+        let network = match config {
+            ClassifierConfig::ResNet(c) => Network::ResNet(ResNet::new(vb, c)?),
+            ClassifierConfig::Vgg(c) => Network::Vgg(Vgg::new(vb, c)?),
+            ClassifierConfig::Vit(c) => Network::Vit(VisionTransformer::new(vb, c)?),
+        };
+        Ok(Self {
+            network,
+            normalization: Normalization::IMAGENET,
         })
     }
 
@@ -162,24 +191,35 @@ impl Classifier {
         checkpoint: impl AsRef<Path>,
         device: &Device,
     ) -> Result<Self> {
-        let ckpt = open_checkpoint(checkpoint.as_ref(), config.probe_name())?;
-        Self::new(ckpt.into_var_builder(DType::F32, device), config)
+        let (ckpt, normalization) = open_checkpoint(checkpoint.as_ref(), config.probe_name())?;
+        let mut classifier = Self::new(ckpt.into_var_builder(DType::F32, device), config)?;
+        if let Some(n) = normalization {
+            classifier.normalization = n;
+        }
+        Ok(classifier)
+    }
+
+    /// The input pipeline for this classifier: antialiased resize to `size`×`size`, then its
+    /// normalization.
+    pub fn preprocess(&self, size: usize) -> Preprocess {
+        Preprocess {
+            size: Some(size),
+            antialias: true,
+            mean: self.normalization.mean,
+            std: self.normalization.std,
+        }
     }
 
     pub fn config(&self) -> ClassifierConfig {
-        match self {
-            Self::ResNet(m) => ClassifierConfig::ResNet(m.config().clone()),
-            Self::Vgg(m) => ClassifierConfig::Vgg(m.config().clone()),
-            Self::Vit(m) => ClassifierConfig::Vit(m.config().clone()),
+        match &self.network {
+            Network::ResNet(m) => ClassifierConfig::ResNet(m.config().clone()),
+            Network::Vgg(m) => ClassifierConfig::Vgg(m.config().clone()),
+            Network::Vit(m) => ClassifierConfig::Vit(m.config().clone()),
         }
     }
 
     pub fn num_classes(&self) -> usize {
-        match self {
-            Self::ResNet(m) => m.config().num_classes,
-            Self::Vgg(m) => m.config().num_classes,
-            Self::Vit(m) => m.config().num_classes,
-        }
+        self.config().num_classes()
     }
 
     /// Checks that `class_id` names one of this classifier's outputs.
@@ -187,10 +227,10 @@ impl Classifier {
         check_class(class_id, self.num_classes())
     }
 
-    /// `x`: normalized images `[b, 3, h, w]`.
+    /// `x`: normalized images `[b, 3, h, w]` (see [`Classifier::preprocess`]).
     pub fn forward(&self, x: &Tensor) -> Result<ClassifierOutput> {
-        Ok(match self {
-            Self::ResNet(m) => {
+        Ok(match &self.network {
+            Network::ResNet(m) => {
                 let o = m.forward_all(x)?;
                 let hidden = o
                     .stages
@@ -204,7 +244,7 @@ impl Classifier {
                     hidden,
                 }
             }
-            Self::Vgg(m) => {
+            Network::Vgg(m) => {
                 let o = m.forward_all(x)?;
                 ClassifierOutput {
                     logits: o.logits,
@@ -215,7 +255,7 @@ impl Classifier {
                     ]),
                 }
             }
-            Self::Vit(m) => {
+            Network::Vit(m) => {
                 let o = m.forward_all(x)?;
                 let mut hidden: BTreeMap<String, Tensor> = o
                     .blocks
@@ -237,8 +277,10 @@ impl Classifier {
 /// Opens a classifier checkpoint and finds where its weights sit: which top-level entry of a
 /// pickle (the file itself, `model` or `state_dict`) and which key prefix (see [`PREFIXES`])
 /// holds `probe` (e.g. `fc.weight`). The Salient ImageNet robust ResNet-50
-/// (`imagenet_l2_3_0.pt`) resolves to entry `model`, prefix `module.model.`.
-pub fn open_checkpoint(path: &Path, probe: &str) -> Result<Checkpoint> {
+/// (`imagenet_l2_3_0.pt`) resolves to entry `model`, prefix `module.model.`. Also returns the
+/// input normalization the checkpoint declares beside the model, if any
+/// (`module.normalizer.new_mean` / `new_std` there).
+pub fn open_checkpoint(path: &Path, probe: &str) -> Result<(Checkpoint, Option<Normalization>)> {
     let is_pickle = matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("pt" | "pth" | "bin" | "ckpt")
@@ -267,7 +309,8 @@ pub fn open_checkpoint(path: &Path, probe: &str) -> Result<Checkpoint> {
             .iter()
             .find(|p| all.iter().any(|n| *n == format!("{p}{probe}")))
         {
-            return Ok(ckpt.with_prefix(*prefix));
+            let normalization = read_normalizer(&ckpt, prefix)?;
+            return Ok((ckpt.with_prefix(*prefix), normalization));
         }
         names.extend(all);
     }
@@ -279,4 +322,37 @@ pub fn open_checkpoint(path: &Path, probe: &str) -> Result<Checkpoint> {
         PREFIXES,
         names.join(", ")
     )
+}
+
+/// The `robustness` library's `InputNormalize` buffers, stored beside the wrapped model:
+/// `<base>normalizer.new_mean` and `new_std` (`[3, 1, 1]`) for model prefix `<base>model.`.
+fn read_normalizer(ckpt: &Checkpoint, model_prefix: &str) -> Result<Option<Normalization>> {
+    let Some(base) = model_prefix.strip_suffix("model.") else {
+        return Ok(None);
+    };
+    let (mean_key, std_key) = (
+        format!("{base}normalizer.new_mean"),
+        format!("{base}normalizer.new_std"),
+    );
+    let names = ckpt.names();
+    if !names.contains(&mean_key) || !names.contains(&std_key) {
+        return Ok(None);
+    }
+    let read = |key: &str| -> Result<[f32; 3]> {
+        let v = ckpt
+            .tensor(key)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        v.try_into().map_err(|v: Vec<f32>| {
+            candle_core::Error::Msg(format!(
+                "checkpoint normalizer `{key}` has {} values, expected 3",
+                v.len()
+            ))
+        })
+    };
+    Ok(Some(Normalization {
+        mean: read(&mean_key)?,
+        std: read(&std_key)?,
+    }))
 }
