@@ -228,6 +228,11 @@ impl Classifier {
     }
 
     /// `x`: normalized images `[b, 3, h, w]` (see [`Classifier::preprocess`]).
+    ///
+    /// Backpropagate through square images only: candle 0.11's conv2d backward derives the
+    /// transposed conv's output padding from the height alone, so a width with another remainder
+    /// at a strided conv fails in `backward()` with a "shape mismatch in add" error. (Forward
+    /// passes are exact for any size.)
     pub fn forward(&self, x: &Tensor) -> Result<ClassifierOutput> {
         Ok(match &self.network {
             Network::ResNet(m) => {

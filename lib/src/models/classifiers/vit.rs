@@ -137,14 +137,14 @@ pub struct VisionTransformer {
 
 impl VisionTransformer {
     pub fn new(vb: VarBuilder, cfg: &VitConfig) -> Result<Self> {
-        if cfg.hidden_dim % cfg.num_heads != 0 {
+        if cfg.num_heads == 0 || cfg.hidden_dim % cfg.num_heads != 0 {
             candle_core::bail!(
                 "vit config: hidden_dim {} is not divisible by num_heads {}",
                 cfg.hidden_dim,
                 cfg.num_heads
             )
         }
-        if cfg.image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
             candle_core::bail!(
                 "vit config: image_size {} is not divisible by patch_size {}",
                 cfg.image_size,
