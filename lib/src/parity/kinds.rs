@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::CaseInputs;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::classifiers::{Classifier, ClassifierConfig, Preprocess};
 use crate::ops;
 
 pub type Outputs = HashMap<String, Tensor>;
@@ -32,6 +33,9 @@ pub const KINDS: &[(&str, Runner)] = &[
     }),
     ("op.resize_bilinear", resize_bilinear),
     ("clip_text", clip_text),
+    ("resnet", |c| classifier(c, ClassifierConfig::ResNet)),
+    ("vgg", |c| classifier(c, ClassifierConfig::Vgg)),
+    ("vit", |c| classifier(c, ClassifierConfig::Vit)),
 ];
 
 pub fn runner(kind: &str) -> Option<Runner> {
@@ -107,6 +111,44 @@ fn resize_bilinear(case: &CaseInputs) -> anyhow::Result<Outputs> {
     let [h, w]: [usize; 2] = required(case, "size")?;
     let antialias = case.option::<bool>("antialias")?.unwrap_or(false);
     single(ops::resize_bilinear(case.input("x")?, (h, w), antialias)?)
+}
+
+#[derive(Deserialize)]
+struct PreprocessOption {
+    resize: Option<usize>,
+    #[serde(default)]
+    antialias: bool,
+}
+
+/// The classifier kinds: input `pixel_values` (already normalized), or `image` in [0, 1] with
+/// `options.preprocess` (resize, then ImageNet normalization). Outputs: `logits`, `features`
+/// and every hidden tap by its name.
+fn classifier<C: serde::de::DeserializeOwned>(
+    case: &CaseInputs,
+    wrap: fn(C) -> ClassifierConfig,
+) -> anyhow::Result<Outputs> {
+    let model = Classifier::new(case.weights()?, &wrap(case.config()?))?;
+    let x = match (case.inputs.get("pixel_values"), case.inputs.get("image")) {
+        (Some(x), _) => x.clone(),
+        (None, Some(image)) => {
+            let p: PreprocessOption = required(case, "preprocess")?;
+            let preprocess = Preprocess {
+                size: p.resize,
+                antialias: p.antialias,
+                ..Preprocess::imagenet(0)
+            };
+            preprocess.forward(image)?
+        }
+        (None, None) => anyhow::bail!(
+            "{}: inputs.safetensors needs `pixel_values` or `image`",
+            case.dir.display()
+        ),
+    };
+    let out = model.forward(&x)?;
+    let mut outputs = out.hidden;
+    outputs.insert("logits".to_string(), out.logits);
+    outputs.insert("features".to_string(), out.features);
+    Ok(outputs.into_iter().collect())
 }
 
 fn required<T: serde::de::DeserializeOwned>(case: &CaseInputs, name: &str) -> anyhow::Result<T> {
