@@ -7,6 +7,8 @@
 //!   backward candle's fused kernels lack.
 //! - [`weights`]: checkpoint loading (safetensors, PyTorch pickles) with precise errors.
 //! - [`models`]: the networks, named like their checkpoints: CLIP text encoder, classifiers.
+//! - [`tokenizer`]: CLIP's BPE tokenizer (prompt text -> 77 token ids), with OpenAI's vocabulary
+//!   compiled in.
 //! - [`parity`]: data-driven parity cases against the reference libraries.
 //! - [`testing`]: finite-difference gradient checks.
 
@@ -14,4 +16,5 @@ pub mod models;
 pub mod ops;
 pub mod parity;
 pub mod testing;
+pub mod tokenizer;
 pub mod weights;

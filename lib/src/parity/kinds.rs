@@ -7,8 +7,8 @@ use candle_core::{Module, Tensor};
 use serde::Deserialize;
 
 use super::CaseInputs;
-use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::classifiers::{Classifier, ClassifierConfig, Preprocess};
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::ops;
 
 pub type Outputs = HashMap<String, Tensor>;
