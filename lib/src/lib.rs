@@ -12,6 +12,7 @@
 //! - [`parity`]: data-driven parity cases against the reference libraries.
 //! - [`testing`]: finite-difference gradient checks.
 
+pub mod explain;
 pub mod models;
 pub mod ops;
 pub mod parity;
