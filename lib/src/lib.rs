@@ -13,9 +13,11 @@
 //! - [`testing`]: finite-difference gradient checks.
 
 pub mod explain;
+pub mod io;
 pub mod models;
 pub mod ops;
 pub mod parity;
+pub mod rng;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

@@ -2,5 +2,7 @@
 //! loop and its records.
 
 pub mod objective;
+pub mod soft_prompt;
 
 pub use objective::Objective;
+pub use soft_prompt::{SoftPrompt, SoftPromptInit};

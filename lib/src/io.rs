@@ -1,0 +1,42 @@
+//! File writing that never leaves a half-written file behind: write to a temporary sibling,
+//! flush, then rename over the target (atomic on POSIX filesystems). An interrupted run keeps
+//! every file it finished and none it did not.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// Writes `path` through `write`, atomically.
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let tmp = temp_sibling(path);
+    let result = write(&tmp).and_then(|()| {
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("{}: cannot move into place", path.display()))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("{}: write failed", path.display()))
+}
+
+/// Writes bytes to `path` atomically.
+pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomically(path, |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(bytes)?;
+        Ok(())
+    })
+}
+
+fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
