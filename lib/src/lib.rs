@@ -7,11 +7,13 @@
 //!   backward candle's fused kernels lack.
 //! - [`weights`]: checkpoint loading (safetensors, PyTorch pickles) with precise errors.
 //! - [`models`]: the networks, named like their checkpoints: CLIP text encoder, classifiers.
+//! - [`sampling`]: schedulers (DDIM, LCM, Euler ancestral) and the differentiable sampling loop.
 //! - [`parity`]: data-driven parity cases against the reference libraries.
 //! - [`testing`]: finite-difference gradient checks.
 
 pub mod models;
 pub mod ops;
 pub mod parity;
+pub mod sampling;
 pub mod testing;
 pub mod weights;
