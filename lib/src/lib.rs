@@ -6,11 +6,13 @@
 //! - [`ops`]: differentiable primitives (norms, softmax, attention, pools, resize) whose
 //!   backward candle's fused kernels lack.
 //! - [`weights`]: checkpoint loading (safetensors, PyTorch pickles) with precise errors.
+//! - [`lora`]: LoRA fusion (kohya and diffusers/PEFT keys) into a checkpoint overlay.
 //! - [`models`]: the networks, named like their checkpoints: CLIP text encoder, classifiers.
 //! - [`sampling`]: schedulers (DDIM, LCM, Euler ancestral) and the differentiable sampling loop.
 //! - [`parity`]: data-driven parity cases against the reference libraries.
 //! - [`testing`]: finite-difference gradient checks.
 
+pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod parity;
