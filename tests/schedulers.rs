@@ -333,9 +333,7 @@ fn input(shape: &[usize], scale: f64, seed: u64) -> Tensor {
 /// `eps = tanh(0.5 x + 0.002 t + mean_seq(cond) W)`, nonlinear in both.
 fn analytic_denoiser(x: &Tensor, t: f64, c: &Tensor) -> Result<Tensor> {
     let w = input(&[8, 16], 0.5, 99);
-    let b = x.dim(0)?;
     let proj = c.mean(1)?.matmul(&w)?.reshape(x.dims())?;
-    let _ = b;
     x.affine(0.5, 0.002 * t)?.add(&proj)?.tanh()
 }
 
