@@ -319,3 +319,44 @@ fn lora_file_round_trip() {
     assert_eq!(report.fused.len(), 4);
     assert_fused(&ckpt, 1.0, "from file");
 }
+
+/// Against diffusers: a kohya LoRA on every attention, resnet and sampler layer of a tiny
+/// `UNet2DConditionModel`, loaded and fused by diffusers 0.42.1 + peft
+/// (`scripts/make_lora_fixture.py`).
+#[test]
+fn matches_diffusers_fuse_lora_on_a_tiny_unet() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lora");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
+    let scale = meta["lora_scale"].as_f64().unwrap();
+    let base = Checkpoint::open(dir.join("unet.safetensors")).unwrap();
+    let lora = Lora::open(dir.join("lora_kohya.safetensors")).unwrap();
+    let (ckpt, report) = lora.fuse_into(base, LoraTarget::UNET, scale).unwrap();
+    let expected = Checkpoint::open(dir.join("fused.safetensors")).unwrap();
+    let names = expected.names();
+    assert_eq!(names.len() as u64, meta["adapted"].as_u64().unwrap());
+    assert_eq!(
+        report.fused, names,
+        "fused a different set of weights than diffusers"
+    );
+    for name in &names {
+        let ours = values(&ckpt.tensor(name).unwrap());
+        let exp = values(&expected.tensor(name).unwrap());
+        let scale = exp.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let err = ours
+            .iter()
+            .zip(&exp)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err / scale < 1e-5, "{name}: rel error {:.3e}", err / scale);
+    }
+    // Everything else is untouched.
+    let unet = Checkpoint::open(dir.join("unet.safetensors")).unwrap();
+    for name in unet.names().iter().filter(|n| !names.contains(n)) {
+        assert_eq!(
+            values(&ckpt.tensor(name).unwrap()),
+            values(&unet.tensor(name).unwrap()),
+            "{name}"
+        );
+    }
+}
