@@ -54,7 +54,9 @@ fn base() -> Checkpoint {
 }
 
 /// (diffusers module path, down shape, up shape, alpha)
-fn adapted() -> Vec<(&'static str, Vec<usize>, Vec<usize>, Option<f64>)> {
+type Adapted = (&'static str, Vec<usize>, Vec<usize>, Option<f64>);
+
+fn adapted() -> Vec<Adapted> {
     vec![
         ("conv_in", vec![3, 4, 3, 3], vec![5, 3, 1, 1], None),
         ("time_embedding.linear_1", vec![2, 5], vec![8, 2], Some(4.0)),
