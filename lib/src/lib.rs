@@ -6,18 +6,23 @@
 //! - [`ops`]: differentiable primitives (norms, softmax, attention, pools, resize) whose
 //!   backward candle's fused kernels lack.
 //! - [`weights`]: checkpoint loading (safetensors, PyTorch pickles) with precise errors.
+//! - [`lora`]: LoRA fusion (kohya and diffusers/PEFT keys) into a checkpoint overlay.
 //! - [`models`]: the networks, named like their checkpoints: CLIP text encoder, classifiers.
+//! - [`sampling`]: schedulers (DDIM, LCM, Euler ancestral) and the differentiable sampling loop.
 //! - [`tokenizer`]: CLIP's BPE tokenizer (prompt text -> 77 token ids), with OpenAI's vocabulary
 //!   compiled in.
+//! - [`explain`]: DiffExplainer itself: objectives, the soft prompt.
 //! - [`parity`]: data-driven parity cases against the reference libraries.
 //! - [`testing`]: finite-difference gradient checks.
 
 pub mod explain;
 pub mod io;
+pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod parity;
 pub mod rng;
+pub mod sampling;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

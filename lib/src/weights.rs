@@ -26,6 +26,9 @@ pub struct Checkpoint {
     store: Store,
     /// Prepended to every requested name (e.g. `module.model.` for robustness checkpoints).
     prefix: String,
+    /// Tensors that replace (or add to) the stored ones, by requested name (prefix not
+    /// included): e.g. UNet weights with a LoRA fused in (`crate::lora`).
+    overlay: HashMap<String, Tensor>,
 }
 
 impl Checkpoint {
@@ -61,6 +64,7 @@ impl Checkpoint {
             files,
             store: Store::Mmap(mmap),
             prefix: String::new(),
+            overlay: HashMap::new(),
         })
     }
 
@@ -95,6 +99,7 @@ impl Checkpoint {
             files: vec![origin.as_ref().to_path_buf()],
             store: Store::Memory(tensors),
             prefix: String::new(),
+            overlay: HashMap::new(),
         }
     }
 
@@ -105,18 +110,40 @@ impl Checkpoint {
         self
     }
 
-    /// All tensor names in the file(s), prefix included, sorted.
+    /// The prefix prepended to every requested name.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The file(s) read, for messages.
+    pub fn origin(&self) -> String {
+        display(&self.files)
+    }
+
+    /// Replaces (or adds) tensors by requested name (the prefix is not part of the names):
+    /// later reads, including through a `VarBuilder`, see these instead of the stored ones.
+    pub fn with_overlay(mut self, tensors: HashMap<String, Tensor>) -> Self {
+        self.overlay.extend(tensors);
+        self
+    }
+
+    /// All tensor names in the file(s) and the overlay, prefix included, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = match &self.store {
             Store::Mmap(m) => m.tensors().into_iter().map(|(n, _)| n).collect(),
             Store::Memory(t) => t.keys().cloned().collect(),
         };
+        names.extend(self.overlay.keys().map(|n| format!("{}{n}", self.prefix)));
         names.sort();
+        names.dedup();
         names
     }
 
-    /// Loads one tensor by its name (the prefix is applied), as stored.
+    /// Loads one tensor by its name (the prefix is applied), as stored (or as overlaid).
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        if let Some(t) = self.overlay.get(name) {
+            return Ok(t.clone());
+        }
         let key = format!("{}{name}", self.prefix);
         let found = match &self.store {
             Store::Mmap(m) => match m.get(&key) {
@@ -179,7 +206,11 @@ impl SimpleBackend for Checkpoint {
         dev: &Device,
     ) -> Result<Tensor> {
         let key = format!("{}{name}", self.prefix);
-        match self.stored_shape(&key) {
+        let shape = match self.overlay.get(name) {
+            Some(t) => Some(t.dims().to_vec()),
+            None => self.stored_shape(&key),
+        };
+        match shape {
             None => Err(self.missing(&key)),
             Some(found) if found != expected.dims() => candle_core::bail!(
                 "{}: tensor `{key}` has shape {found:?} but the model config expects {:?}",
@@ -195,7 +226,9 @@ impl SimpleBackend for Checkpoint {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.stored_shape(&format!("{}{name}", self.prefix))
-            .is_some()
+        self.overlay.contains_key(name)
+            || self
+                .stored_shape(&format!("{}{name}", self.prefix))
+                .is_some()
     }
 }
