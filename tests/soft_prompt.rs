@@ -1,36 +1,11 @@
 //! The soft prompt: placement in a template, initialization, gradients, persistence.
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use diffexplainer::explain::{SoftPrompt, SoftPromptInit};
-use diffexplainer::models::clip_text::{ClipTextConfig, ClipTextModel};
-use diffexplainer::testing::pseudo_random_tensor;
-use diffexplainer::tokenizer::ClipTokenizer;
+mod common;
 
-/// A tiny random CLIP text encoder over the real 49408-token vocabulary, so the embedded
-/// tokenizer's ids are valid.
-fn tiny_clip() -> ClipTextModel {
-    let cfg: ClipTextConfig = serde_json::from_value(serde_json::json!({
-        "vocab_size": 49408, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-        "eos_token_id": 2
-    }))
-    .unwrap();
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let model = ClipTextModel::new(vb, &cfg).unwrap();
-    drop(model);
-    // VarMap creates zeros; give every parameter pseudo-random values, then build again.
-    for (seed, (_, var)) in varmap.data().lock().unwrap().iter().enumerate() {
-        let values = pseudo_random_tensor(var.dims(), 0.5, seed as u64 + 1, &Device::Cpu).unwrap();
-        var.set(&values.to_dtype(DType::F32).unwrap()).unwrap();
-    }
-    ClipTextModel::new(
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-        &cfg,
-    )
-    .unwrap()
-}
+use candle_core::{Device, Tensor};
+use common::tiny_clip;
+use diffexplainer::explain::{SoftPrompt, SoftPromptInit};
+use diffexplainer::tokenizer::ClipTokenizer;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     a.sub(b)

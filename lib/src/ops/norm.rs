@@ -139,6 +139,19 @@ impl BatchNorm2d {
         let bias = vb.get(channels, "bias")?;
         let mean = vb.get(channels, "running_mean")?;
         let var = vb.get(channels, "running_var")?;
+        // A negative variance makes sqrt NaN, which ReLU and max-pool can hide in the forward
+        // pass while the backward turns NaN: refuse the checkpoint instead.
+        if var
+            .to_dtype(candle_core::DType::F32)?
+            .min_all()?
+            .to_scalar::<f32>()?
+            < 0.0
+        {
+            candle_core::bail!(
+                "`{}.running_var` has negative entries: the checkpoint is corrupt",
+                vb.prefix()
+            )
+        }
         let scale = weight.div(&(var + eps)?.sqrt()?)?;
         let shift = bias.sub(&mean.mul(&scale)?)?;
         Ok(Self {

@@ -1,0 +1,35 @@
+//! Small random models shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use diffexplainer::models::clip_text::{ClipTextConfig, ClipTextModel};
+use diffexplainer::testing::pseudo_random_tensor;
+
+/// Builds a model from a VarMap whose parameters get pseudo-random values (VarMap starts at
+/// zeros, which would hide every bug).
+pub fn random_model<M>(build: impl Fn(VarBuilder) -> candle_core::Result<M>, scale: f64) -> M {
+    let varmap = VarMap::new();
+    drop(build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap());
+    for (seed, (name, var)) in varmap.data().lock().unwrap().iter().enumerate() {
+        let mut values =
+            pseudo_random_tensor(var.dims(), scale, seed as u64 + 1, &Device::Cpu).unwrap();
+        if name.ends_with("running_var") {
+            values = (values.abs().unwrap() + 0.5).unwrap(); // variances are positive
+        }
+        var.set(&values.to_dtype(DType::F32).unwrap()).unwrap();
+    }
+    build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap()
+}
+
+/// A tiny random CLIP text encoder over the real 49408-token vocabulary, so the embedded
+/// tokenizer's ids are valid.
+pub fn tiny_clip() -> ClipTextModel {
+    let cfg: ClipTextConfig = serde_json::from_value(serde_json::json!({
+        "vocab_size": 49408, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+        "eos_token_id": 2
+    }))
+    .unwrap();
+    random_model(|vb| ClipTextModel::new(vb, &cfg), 0.5)
+}
