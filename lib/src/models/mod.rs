@@ -2,3 +2,5 @@
 //! prefixes, so reference weights load with no renaming table.
 
 pub mod classifiers;
+pub mod unet;
+pub mod vae;

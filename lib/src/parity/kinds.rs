@@ -7,6 +7,8 @@ use candle_core::{Module, Tensor};
 use serde::Deserialize;
 
 use super::CaseInputs;
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::ops;
 
 pub type Outputs = HashMap<String, Tensor>;
@@ -30,6 +32,9 @@ pub const KINDS: &[(&str, Runner)] = &[
         unary(c, ops::upsample_nearest2x)
     }),
     ("op.resize_bilinear", resize_bilinear),
+    ("unet2d_condition", unet2d_condition),
+    ("vae_decoder", vae_decoder),
+    ("vae_encoder", vae_encoder),
 ];
 
 pub fn runner(kind: &str) -> Option<Runner> {
@@ -105,6 +110,31 @@ fn resize_bilinear(case: &CaseInputs) -> anyhow::Result<Outputs> {
     let [h, w]: [usize; 2] = required(case, "size")?;
     let antialias = case.option::<bool>("antialias")?.unwrap_or(false);
     single(ops::resize_bilinear(case.input("x")?, (h, w), antialias)?)
+}
+
+fn unet2d_condition(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg: UNet2DConditionConfig = case.config()?;
+    let unet = UNet2DConditionModel::new(case.weights()?, &cfg)?;
+    let y = unet.forward_with_timesteps(
+        case.input("sample")?,
+        case.input("timestep")?,
+        case.input("encoder_hidden_states")?,
+    )?;
+    Ok(HashMap::from([("sample".to_string(), y)]))
+}
+
+fn vae_decoder(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg: AutoencoderKLConfig = case.config()?;
+    let vae = AutoencoderKL::decoder_only(case.weights()?, &cfg)?;
+    let y = vae.decode(case.input("latents")?)?;
+    Ok(HashMap::from([("sample".to_string(), y)]))
+}
+
+fn vae_encoder(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg: AutoencoderKLConfig = case.config()?;
+    let vae = AutoencoderKL::new(case.weights()?, &cfg)?;
+    let y = vae.encode(case.input("image")?)?;
+    Ok(HashMap::from([("latent_mean".to_string(), y)]))
 }
 
 fn required<T: serde::de::DeserializeOwned>(case: &CaseInputs, name: &str) -> anyhow::Result<T> {
