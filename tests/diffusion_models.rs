@@ -294,3 +294,39 @@ fn refuses_other_vae_block_types() {
     let err = cfg.check().unwrap_err().to_string();
     assert!(err.contains("AttnUpDecoderBlock2D"), "{err}");
 }
+
+/// Gradient checkpointing changes neither the output nor the input gradients, and its gradient
+/// passes the finite-difference check on its own.
+#[test]
+fn gradient_checkpointing_matches() {
+    use candle_core::Var;
+    let case = "unet2d_condition_sd1";
+    let plain = unet(case);
+    let mut ckpt = unet(case);
+    ckpt.set_gradient_checkpointing(true);
+    let x = inputs_f64(case);
+    let grads = |m: &UNet2DConditionModel| {
+        let s = Var::from_tensor(&x["sample"]).unwrap();
+        let e = Var::from_tensor(&x["encoder_hidden_states"]).unwrap();
+        let y = m.forward(s.as_tensor(), 421.0, e.as_tensor()).unwrap();
+        let cot =
+            diffexplainer::testing::pseudo_random_tensor(y.dims(), 1.0, 3, &Device::Cpu).unwrap();
+        let g = y.mul(&cot).unwrap().sum_all().unwrap().backward().unwrap();
+        (
+            y,
+            g.get(s.as_tensor()).unwrap().clone(),
+            g.get(e.as_tensor()).unwrap().clone(),
+        )
+    };
+    let (y0, gs0, ge0) = grads(&plain);
+    let (y1, gs1, ge1) = grads(&ckpt);
+    assert_close(&y0, &y1, 1e-12);
+    assert_close(&gs0, &gs1, 1e-10);
+    assert_close(&ge0, &ge1, 1e-10);
+    assert_gradient(
+        "checkpointed unet d/d encoder_hidden_states",
+        |ehs| ckpt.forward(&x["sample"], 421.0, ehs),
+        &x["encoder_hidden_states"],
+        24,
+    );
+}

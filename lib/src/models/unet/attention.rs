@@ -196,7 +196,7 @@ pub struct Transformer2DModel {
 impl Transformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &Transformer2DConfig) -> Result<Self> {
         let c = cfg.channels;
-        if cfg.heads == 0 || c % cfg.heads != 0 {
+        if cfg.heads == 0 || !c.is_multiple_of(cfg.heads) {
             candle_core::bail!(
                 "Transformer2DModel at `{}`: {c} channels are not divisible by {} heads",
                 vb.prefix(),

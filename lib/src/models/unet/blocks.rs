@@ -6,7 +6,10 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
+use std::sync::Arc;
+
 use super::attention::{Transformer2DConfig, Transformer2DModel};
+use super::checkpoint::checkpoint;
 use crate::ops::{self, GroupNorm};
 
 /// The shape of one [`ResnetBlock2D`].
@@ -208,12 +211,34 @@ fn attentions(
     }
 }
 
+/// A ResNet with the UNet's time embedding, checkpointed if asked (see `checkpoint`).
+fn run_resnet(r: &ResnetBlock2D, x: &Tensor, temb: &Tensor, ckpt: bool) -> Result<Tensor> {
+    if ckpt {
+        let r = r.clone();
+        checkpoint(Arc::new(move |x, t| r.forward(x, Some(t))), x, temb)
+    } else {
+        r.forward(x, Some(temb))
+    }
+}
+
+/// A spatial transformer, checkpointed if asked.
+fn run_attn(a: &Transformer2DModel, x: &Tensor, ehs: &Tensor, ckpt: bool) -> Result<Tensor> {
+    if ckpt {
+        let a = a.clone();
+        checkpoint(Arc::new(move |x, c| a.forward(x, c)), x, ehs)
+    } else {
+        a.forward(x, ehs)
+    }
+}
+
 /// `CrossAttnDownBlock2D` (with `attentions`) or `DownBlock2D` (without).
 #[derive(Debug, Clone)]
 pub struct DownBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
     pub downsampler: Option<Downsample2D>,
+    /// Recompute each ResNet and transformer during backward (see `checkpoint`).
+    pub checkpoint: bool,
 }
 
 /// The shape of one down or up block.
@@ -266,6 +291,7 @@ impl DownBlock {
             resnets,
             attentions,
             downsampler,
+            checkpoint: false,
         })
     }
 
@@ -280,9 +306,9 @@ impl DownBlock {
         let mut x = x.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(&x, Some(temb))?;
+            x = run_resnet(resnet, &x, temb, self.checkpoint)?;
             if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, encoder_hidden_states)?;
+                x = run_attn(attn, &x, encoder_hidden_states, self.checkpoint)?;
             }
             skips.push(x.clone());
         }
@@ -299,6 +325,8 @@ impl DownBlock {
 pub struct MidBlockCrossAttn {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
+    /// Recompute each ResNet and transformer during backward (see `checkpoint`).
+    pub checkpoint: bool,
 }
 
 impl MidBlockCrossAttn {
@@ -321,6 +349,7 @@ impl MidBlockCrossAttn {
         Ok(Self {
             resnets,
             attentions,
+            checkpoint: false,
         })
     }
 
@@ -330,10 +359,11 @@ impl MidBlockCrossAttn {
         temb: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        let mut x = self.resnets[0].forward(x, Some(temb))?;
+        let ckpt = self.checkpoint;
+        let mut x = run_resnet(&self.resnets[0], x, temb, ckpt)?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = attn.forward(&x, encoder_hidden_states)?;
-            x = resnet.forward(&x, Some(temb))?;
+            x = run_attn(attn, &x, encoder_hidden_states, ckpt)?;
+            x = run_resnet(resnet, &x, temb, ckpt)?;
         }
         Ok(x)
     }
@@ -346,6 +376,8 @@ pub struct UpBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
     pub upsampler: Option<Upsample2D>,
+    /// Recompute each ResNet and transformer during backward (see `checkpoint`).
+    pub checkpoint: bool,
 }
 
 impl UpBlock {
@@ -375,6 +407,7 @@ impl UpBlock {
             resnets,
             attentions,
             upsampler,
+            checkpoint: false,
         })
     }
 
@@ -391,9 +424,14 @@ impl UpBlock {
             let skip = skips.pop().ok_or_else(|| {
                 candle_core::Error::Msg("UpBlock: ran out of skip connections".into())
             })?;
-            x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(temb))?;
+            x = run_resnet(
+                resnet,
+                &Tensor::cat(&[&x, &skip], 1)?,
+                temb,
+                self.checkpoint,
+            )?;
             if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, encoder_hidden_states)?;
+                x = run_attn(attn, &x, encoder_hidden_states, self.checkpoint)?;
             }
         }
         match &self.upsampler {

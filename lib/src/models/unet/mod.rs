@@ -15,6 +15,7 @@
 
 pub mod attention;
 pub mod blocks;
+pub mod checkpoint;
 pub mod embeddings;
 
 use std::path::Path;
@@ -287,7 +288,7 @@ impl UNet2DConditionConfig {
                 self.cross_attention_dim
             ))?
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             refuse("even `conv_in_kernel` / `conv_out_kernel`".into())?
         }
         self.layers_per_block.expand(n, "layers_per_block")?;
@@ -418,6 +419,15 @@ impl UNet2DConditionModel {
                 cfg.conv_out_kernel,
             )?,
         })
+    }
+
+    /// Turns gradient checkpointing of every ResNet and spatial transformer on or off (off by
+    /// default). On: backward recomputes each block's forward instead of keeping its
+    /// activations (see [`checkpoint`]); values and input gradients are unchanged.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.down_blocks.iter_mut().for_each(|b| b.checkpoint = on);
+        self.mid_block.checkpoint = on;
+        self.up_blocks.iter_mut().for_each(|b| b.checkpoint = on);
     }
 
     /// The noise (or v) prediction for `sample` `[b, in_channels, h, w]` at one `timestep` for
