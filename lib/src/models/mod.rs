@@ -3,3 +3,5 @@
 
 pub mod classifiers;
 pub mod clip_text;
+pub mod unet;
+pub mod vae;

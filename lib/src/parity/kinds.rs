@@ -9,6 +9,8 @@ use serde::Deserialize;
 use super::CaseInputs;
 use crate::models::classifiers::{Classifier, ClassifierConfig, Preprocess};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::ops;
 
 pub type Outputs = HashMap<String, Tensor>;
@@ -36,6 +38,9 @@ pub const KINDS: &[(&str, Runner)] = &[
     ("resnet", |c| classifier(c, ClassifierConfig::ResNet)),
     ("vgg", |c| classifier(c, ClassifierConfig::Vgg)),
     ("vit", |c| classifier(c, ClassifierConfig::Vit)),
+    ("unet2d_condition", unet2d_condition),
+    ("vae_decoder", vae_decoder),
+    ("vae_encoder", vae_encoder),
 ];
 
 pub fn runner(kind: &str) -> Option<Runner> {
@@ -149,6 +154,29 @@ fn classifier<C: serde::de::DeserializeOwned>(
     outputs.insert("logits".to_string(), out.logits);
     outputs.insert("features".to_string(), out.features);
     Ok(outputs.into_iter().collect())
+fn unet2d_condition(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg: UNet2DConditionConfig = case.config()?;
+    let unet = UNet2DConditionModel::new(case.weights()?, &cfg)?;
+    let y = unet.forward_with_timesteps(
+        case.input("sample")?,
+        case.input("timestep")?,
+        case.input("encoder_hidden_states")?,
+    )?;
+    Ok(HashMap::from([("sample".to_string(), y)]))
+}
+
+fn vae_decoder(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg: AutoencoderKLConfig = case.config()?;
+    let vae = AutoencoderKL::decoder_only(case.weights()?, &cfg)?;
+    let y = vae.decode(case.input("latents")?)?;
+    Ok(HashMap::from([("sample".to_string(), y)]))
+}
+
+fn vae_encoder(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg: AutoencoderKLConfig = case.config()?;
+    let vae = AutoencoderKL::new(case.weights()?, &cfg)?;
+    let y = vae.encode(case.input("image")?)?;
+    Ok(HashMap::from([("latent_mean".to_string(), y)]))
 }
 
 fn required<T: serde::de::DeserializeOwned>(case: &CaseInputs, name: &str) -> anyhow::Result<T> {

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Writes the diffusion-model parity cases (UNet2DConditionModel, AutoencoderKL) into
+tests/parity/cases/, in the format of docs/parity-format.md.
+
+Run by hand (not in CI): needs torch and diffusers (CPU is enough).
+
+    python3 scripts/make_parity_cases_diffusion.py [--out tests/parity/cases]
+
+Every case is a tiny random configuration of the reference class itself. All parameters are
+re-drawn at random (diffusers zero-initializes some output projections, which would hide a cut
+gradient), the reference runs in float64, and everything is saved as float32.
+"""
+
+import argparse
+import json
+import math
+import os
+
+import torch
+import diffusers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+
+SEED = 20240611
+
+
+def reference(cls):
+    return f"diffusers {diffusers.__version__} {cls.__module__}.{cls.__name__} (torch {torch.__version__})"
+
+
+def randomize_(model, generator):
+    """Re-draws every parameter: norm scales around 1, everything else ~ N(0, 1/fan_in)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)
+            module_name, kind = leaf[0], leaf[1]
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            is_norm = any(part.startswith("norm") or part in ("group_norm", "conv_norm_out")
+                          for part in module_name.split("."))
+            if is_norm and kind == "weight":
+                p.copy_(1.0 + 0.2 * noise)
+            elif kind == "bias":
+                p.copy_(0.2 * noise)
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else p.shape[0]
+                p.copy_(noise / math.sqrt(fan_in))
+
+
+def save_case(out_dir, name, *, kind, model, cls, inputs, grad_inputs, run, options=None):
+    """`run(model, inputs) -> {output name: tensor}`; reference computed in float64."""
+    path = os.path.join(out_dir, name)
+    os.makedirs(path, exist_ok=True)
+    model = model.double().eval()
+    # diffusers' own config.json (save_pretrained writes exactly this).
+    model.save_config(path)
+
+    weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, os.path.join(path, "weights.safetensors"))
+
+    # The model sees exactly the float32 values that are saved.
+    inputs32 = {k: v.float().contiguous() for k, v in inputs.items()}
+    leaves = {}
+    for k, v in inputs32.items():
+        t = v.double()
+        if k in grad_inputs:
+            t.requires_grad_(True)
+        leaves[k] = t
+    outputs = run(model, leaves)
+
+    gen = torch.Generator().manual_seed(SEED + 1)
+    cotangents = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in outputs.items()}
+    objective = sum((outputs[k] * cotangents[k]).sum() for k in outputs)
+    grads = torch.autograd.grad(objective, [leaves[k] for k in grad_inputs]) if grad_inputs else []
+
+    expected = {k: v.detach().float().contiguous() for k, v in outputs.items()}
+    for k, g in zip(grad_inputs, grads):
+        expected[f"grad.{k}"] = g.float().contiguous()
+    save_file(inputs32, os.path.join(path, "inputs.safetensors"))
+    save_file({k: v.float().contiguous() for k, v in cotangents.items()},
+              os.path.join(path, "cotangents.safetensors"))
+    save_file(expected, os.path.join(path, "expected.safetensors"))
+
+    case = {
+        "kind": kind,
+        "reference": reference(cls),
+        "outputs": sorted(outputs),
+        "grad_inputs": list(grad_inputs),
+    }
+    if options:
+        case["options"] = options
+    with open(os.path.join(path, "case.json"), "w") as f:
+        json.dump(case, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}")
+
+
+def tiny_unet(**overrides):
+    cfg = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    cfg.update(overrides)
+    return UNet2DConditionModel(**cfg)
+
+
+def unet_case(out_dir, name, model, generator, timestep):
+    randomize_(model, generator)
+    inputs = {
+        "sample": torch.randn(1, 4, 8, 8, generator=generator, dtype=torch.float64),
+        "timestep": torch.tensor([timestep], dtype=torch.float64),
+        "encoder_hidden_states": torch.randn(1, 5, 12, generator=generator, dtype=torch.float64),
+    }
+
+    def run(m, x):
+        out = m(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"]).sample
+        return {"sample": out}
+
+    save_case(out_dir, name, kind="unet2d_condition", model=model, cls=UNet2DConditionModel,
+              inputs=inputs, grad_inputs=["sample", "encoder_hidden_states"], run=run)
+
+
+def tiny_vae():
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "parity", "cases"))
+    args = parser.parse_args()
+    out = os.path.normpath(args.out)
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+
+    # SD 1.x layout: conv 1x1 proj_in/proj_out, one head count for every block.
+    unet_case(out, "unet2d_condition_sd1", tiny_unet(), gen, timestep=421.0)
+    # SD 2.x layout: linear proj_in/proj_out, per-block head counts, upcast attention, freq_shift 1,
+    # two transformer layers per attention.
+    unet_case(
+        out,
+        "unet2d_condition_sd2",
+        tiny_unet(use_linear_projection=True, attention_head_dim=(2, 4), upcast_attention=True,
+                  freq_shift=1, transformer_layers_per_block=2),
+        gen,
+        timestep=37.5,
+    )
+
+    vae = tiny_vae()
+    randomize_(vae, gen)
+    latents = torch.randn(1, 4, 4, 4, generator=gen, dtype=torch.float64)
+    save_case(out, "vae_decoder", kind="vae_decoder", model=vae, cls=AutoencoderKL,
+              inputs={"latents": latents}, grad_inputs=["latents"],
+              run=lambda m, x: {"sample": m.decode(x["latents"]).sample})
+
+    vae = tiny_vae()
+    randomize_(vae, gen)
+    image = torch.rand(1, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1
+    save_case(out, "vae_encoder", kind="vae_encoder", model=vae, cls=AutoencoderKL,
+              inputs={"image": image}, grad_inputs=["image"],
+              run=lambda m, x: {"latent_mean": m.encode(x["image"]).latent_dist.mean})
+
+
+if __name__ == "__main__":
+    main()
