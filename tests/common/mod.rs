@@ -11,7 +11,11 @@ use diffexplainer::testing::pseudo_random_tensor;
 pub fn random_model<M>(build: impl Fn(VarBuilder) -> candle_core::Result<M>, scale: f64) -> M {
     let varmap = VarMap::new();
     drop(build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap());
-    for (seed, (name, var)) in varmap.data().lock().unwrap().iter().enumerate() {
+    // Seeds follow the sorted parameter names: HashMap order differs between processes.
+    let data = varmap.data().lock().unwrap();
+    let mut named: Vec<_> = data.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    for (seed, (name, var)) in named.into_iter().enumerate() {
         let mut values =
             pseudo_random_tensor(var.dims(), scale, seed as u64 + 1, &Device::Cpu).unwrap();
         if name.ends_with("running_var") {
@@ -19,6 +23,7 @@ pub fn random_model<M>(build: impl Fn(VarBuilder) -> candle_core::Result<M>, sca
         }
         var.set(&values.to_dtype(DType::F32).unwrap()).unwrap();
     }
+    drop(data);
     build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap()
 }
 

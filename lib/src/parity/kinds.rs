@@ -154,6 +154,8 @@ fn classifier<C: serde::de::DeserializeOwned>(
     outputs.insert("logits".to_string(), out.logits);
     outputs.insert("features".to_string(), out.features);
     Ok(outputs.into_iter().collect())
+}
+
 fn unet2d_condition(case: &CaseInputs) -> anyhow::Result<Outputs> {
     let cfg: UNet2DConditionConfig = case.config()?;
     let unet = UNet2DConditionModel::new(case.weights()?, &cfg)?;
