@@ -241,3 +241,68 @@ fn checker_catches_candles_cut_gradients() {
         check.max_rel_error
     );
 }
+
+#[test]
+fn frozen_linear_and_conv_input_gradients() {
+    use diffexplainer::ops::{Conv2d, Conv2dConfig, Linear};
+    let w = input(&[5, 7], 1.0, 30);
+    let b = input(&[5], 1.0, 31);
+    let lin = Linear::new(w, Some(b));
+    assert_gradient("linear", |x| lin.forward(x), &input(&[2, 3, 7], 1.0, 32));
+    for (stride, padding, hw) in [
+        (1, 1, (6, 6)),
+        (2, 1, (9, 8)),
+        (2, 3, (11, 10)),
+        (16, 0, (32, 32)),
+    ] {
+        let k = if stride == 16 { 16 } else { 3 };
+        let conv = Conv2d::new(
+            input(&[4, 3, k, k], 0.5, 33),
+            Some(input(&[4], 1.0, 34)),
+            Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            },
+        );
+        // Non-square inputs with different remainders per axis: candle's own conv2d backward
+        // fails on these (it takes the output padding from the height).
+        assert_gradient(
+            &format!("conv2d s{stride} p{padding} {hw:?}"),
+            |x| conv.forward(x),
+            &input(&[2, 3, hw.0, hw.1], 1.0, 35),
+        );
+    }
+}
+
+#[test]
+fn frozen_layers_keep_no_weight_gradients_but_trainable_weights_get_theirs() {
+    use diffexplainer::ops::Linear;
+    let x = candle_core::Var::from_tensor(&input(&[4, 6], 1.0, 36)).unwrap();
+    // A frozen (plain tensor) weight: the gradient store holds the input's gradient only.
+    let frozen = Linear::new(input(&[3, 6], 1.0, 37), None);
+    let grads = frozen
+        .forward(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(grads.get(x.as_tensor()).is_some());
+    assert_eq!(
+        grads.get_ids().count(),
+        1,
+        "frozen weights must not accumulate gradients"
+    );
+    // A trainable weight (a Var) takes the ordinary path and gets its gradient.
+    let wv = candle_core::Var::from_tensor(&input(&[3, 6], 1.0, 38)).unwrap();
+    let trainable = Linear::new(wv.as_tensor().clone(), None);
+    let grads = trainable
+        .forward(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(grads.get(wv.as_tensor()).is_some() && grads.get(x.as_tensor()).is_some());
+}

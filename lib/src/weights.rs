@@ -232,3 +232,63 @@ impl SimpleBackend for Checkpoint {
                 .is_some()
     }
 }
+
+/// A weight source that invents every tensor it is asked for: seeded random values of the
+/// requested shape, drawn on the device. For benchmarks and embedded tiny models, where the
+/// architecture matters and the values do not (timing does not depend on them), but zeros
+/// would make attention uniform and gradients vanish.
+///
+/// Values: matrices and kernels `N(0, 1/fan_in)`; 1-D `weight`s (norm scales) near 1;
+/// `running_var` near 1 (positive); other 1-D tensors (biases, means) small.
+pub struct RandomWeights {
+    seed: u64,
+}
+
+impl RandomWeights {
+    pub fn new(seed: u64) -> Self {
+        Self { seed }
+    }
+
+    /// A `VarBuilder` whose every `get` returns a fresh random tensor (the same name always
+    /// gives the same values).
+    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+
+    fn make(&self, shape: &Shape, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        // Name-derived seed: deterministic whatever order the model asks in.
+        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut rng = crate::rng::SeededRng::new(self.seed ^ name_hash);
+        let dims = shape.dims();
+        let noise = Tensor::from_vec(
+            rng.normal_vec(shape.elem_count()),
+            shape.clone(),
+            &Device::Cpu,
+        )?;
+        let t = if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            (noise / (fan_in as f64).sqrt())?
+        } else if name.ends_with("running_var") || name.ends_with("weight") {
+            ((noise * 0.1)? + 1.0)?.abs()?
+        } else {
+            (noise * 0.1)?
+        };
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.make(&shape, name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("RandomWeights cannot invent `{name}` without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}

@@ -37,8 +37,9 @@
 
 use std::path::Path;
 
+use crate::ops::{linear, Linear};
 use candle_core::{bail, DType, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
 use crate::ops::{self, Activation, AttentionMask, LayerNorm};

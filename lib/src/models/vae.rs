@@ -26,8 +26,9 @@
 
 use std::path::Path;
 
+use crate::ops::Conv2d;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::unet::attention::{Attention, AttentionConfig};
@@ -166,7 +167,7 @@ impl SpatialSelfAttention {
         let group_norm = GroupNorm::new(vb.pp("group_norm"), groups, channels, EPS)?;
         let attention = if vb.contains_tensor("query.weight") {
             // Checkpoints saved before diffusers 0.14 (`AttentionBlock`).
-            let lin = |name| candle_nn::linear(channels, channels, vb.pp(name));
+            let lin = |name| crate::ops::linear(channels, channels, vb.pp(name));
             Attention {
                 to_q: lin("query")?,
                 to_k: lin("key")?,
@@ -410,7 +411,7 @@ pub struct AutoencoderKL {
 }
 
 fn conv1x1(vb: VarBuilder, c: usize) -> Result<Conv2d> {
-    candle_nn::conv2d(c, c, 1, Default::default(), vb)
+    crate::ops::conv2d(c, c, 1, Default::default(), vb)
 }
 
 impl AutoencoderKL {

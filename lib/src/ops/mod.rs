@@ -13,6 +13,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod frozen;
 pub mod norm;
 pub mod pool;
 pub mod resize;
@@ -20,6 +21,7 @@ pub mod softmax;
 
 pub use activation::{gelu_erf, gelu_tanh, quick_gelu, silu, Activation};
 pub use attention::{scaled_dot_product_attention, AttentionMask};
+pub use frozen::{conv2d, conv2d_no_bias, linear, linear_no_bias, Conv2d, Conv2dConfig, Linear};
 pub use norm::{group_norm, layer_norm, BatchNorm2d, GroupNorm, LayerNorm};
 pub use pool::{adaptive_avg_pool2d, avg_pool2d, max_pool2d};
 pub use resize::{resize_bilinear, upsample_nearest2x};

@@ -5,8 +5,9 @@
 //! `downsample.0/.1`, `fc`), so a torchvision state dict loads as is. Inference only: batch norm
 //! uses its running statistics, folded into a per-channel affine.
 
+use crate::ops::{Conv2d, Conv2dConfig, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{self, BatchNorm2d};
@@ -96,7 +97,7 @@ fn conv(vb: VarBuilder, c_in: usize, c_out: usize, kernel: usize, stride: usize)
         padding: kernel / 2,
         ..Default::default()
     };
-    candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)
+    crate::ops::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)
 }
 
 /// `downsample.0` (1×1 conv, strided) and `downsample.1` (batch norm) on the shortcut.
@@ -202,7 +203,7 @@ impl ResNet {
             padding: 3,
             ..Default::default()
         };
-        let conv1 = candle_nn::conv2d_no_bias(3, cfg.stem_width, 7, stem, vb.pp("conv1"))?;
+        let conv1 = crate::ops::conv2d_no_bias(3, cfg.stem_width, 7, stem, vb.pp("conv1"))?;
         let bn1 = BatchNorm2d::new(vb.pp("bn1"), cfg.stem_width, BN_EPS)?;
         let mut c_in = cfg.stem_width;
         let mut stages: [Vec<Block>; 4] = Default::default();
@@ -221,7 +222,7 @@ impl ResNet {
                 c_in = cfg.widths[s] * cfg.block.expansion();
             }
         }
-        let fc = candle_nn::linear(cfg.feature_dim(), cfg.num_classes, vb.pp("fc"))?;
+        let fc = crate::ops::linear(cfg.feature_dim(), cfg.num_classes, vb.pp("fc"))?;
         Ok(Self {
             conv1,
             bn1,

@@ -4,8 +4,9 @@
 //! batch norms), `classifier.0`, `classifier.3`, `classifier.6` for the three linears (1, 4 are
 //! ReLUs, 2, 5 dropouts).
 
+use crate::ops::{Conv2d, Conv2dConfig, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{self, BatchNorm2d};
@@ -152,7 +153,7 @@ impl Vgg {
                     index += 1;
                 }
                 VggLayer::Conv(c_out) => {
-                    let conv = candle_nn::conv2d(c_in, c_out, 3, conv_cfg, vb_features.pp(index))?;
+                    let conv = crate::ops::conv2d(c_in, c_out, 3, conv_cfg, vb_features.pp(index))?;
                     let bn = if cfg.batch_norm {
                         Some(BatchNorm2d::new(vb_features.pp(index + 1), c_out, BN_EPS)?)
                     } else {
@@ -168,9 +169,9 @@ impl Vgg {
         let flat = cfg.out_channels() * POOL * POOL;
         Ok(Self {
             features,
-            fc1: candle_nn::linear(flat, cfg.hidden, vb_cls.pp(0))?,
-            fc2: candle_nn::linear(cfg.hidden, cfg.hidden, vb_cls.pp(3))?,
-            fc3: candle_nn::linear(cfg.hidden, cfg.num_classes, vb_cls.pp(6))?,
+            fc1: crate::ops::linear(flat, cfg.hidden, vb_cls.pp(0))?,
+            fc2: crate::ops::linear(cfg.hidden, cfg.hidden, vb_cls.pp(3))?,
+            fc3: crate::ops::linear(cfg.hidden, cfg.num_classes, vb_cls.pp(6))?,
             config: cfg.clone(),
         })
     }

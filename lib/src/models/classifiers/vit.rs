@@ -5,8 +5,9 @@
 //! `heads.head`. Attention is `nn.MultiheadAttention`, which packs the query, key and value
 //! projections into one `in_proj_weight` `[3·d, d]` (rows: q, then k, then v).
 
+use crate::ops::{Conv2d, Conv2dConfig, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{self, AttentionMask, LayerNorm};
@@ -69,7 +70,7 @@ impl SelfAttention {
         let b = vb.get(3 * dim, "in_proj_bias")?;
         Ok(Self {
             in_proj: Linear::new(w, Some(b)),
-            out_proj: candle_nn::linear(dim, dim, vb.pp("out_proj"))?,
+            out_proj: crate::ops::linear(dim, dim, vb.pp("out_proj"))?,
             num_heads,
         })
     }
@@ -110,8 +111,8 @@ impl EncoderBlock {
             ln_1: LayerNorm::new(vb.pp("ln_1"), d, LN_EPS)?,
             self_attention: SelfAttention::new(vb.pp("self_attention"), d, cfg.num_heads)?,
             ln_2: LayerNorm::new(vb.pp("ln_2"), d, LN_EPS)?,
-            fc1: candle_nn::linear(d, cfg.mlp_dim, vb.pp("mlp.0"))?,
-            fc2: candle_nn::linear(cfg.mlp_dim, d, vb.pp("mlp.3"))?,
+            fc1: crate::ops::linear(d, cfg.mlp_dim, vb.pp("mlp.0"))?,
+            fc2: crate::ops::linear(cfg.mlp_dim, d, vb.pp("mlp.3"))?,
         })
     }
 }
@@ -156,7 +157,7 @@ impl VisionTransformer {
             stride: cfg.patch_size,
             ..Default::default()
         };
-        let conv_proj = candle_nn::conv2d(3, d, cfg.patch_size, patchify, vb.pp("conv_proj"))?;
+        let conv_proj = crate::ops::conv2d(3, d, cfg.patch_size, patchify, vb.pp("conv_proj"))?;
         let class_token = vb.get((1, 1, d), "class_token")?;
         let enc = vb.pp("encoder");
         let pos_embedding = enc.get((1, cfg.seq_len(), d), "pos_embedding")?;
@@ -169,7 +170,7 @@ impl VisionTransformer {
             pos_embedding,
             layers,
             ln: LayerNorm::new(enc.pp("ln"), d, LN_EPS)?,
-            head: candle_nn::linear(d, cfg.num_classes, vb.pp("heads.head"))?,
+            head: crate::ops::linear(d, cfg.num_classes, vb.pp("heads.head"))?,
             config: cfg.clone(),
         })
     }

@@ -3,8 +3,9 @@
 //! conditioning (`attn2`, whose keys and values carry the gradient back to the prompt), and a
 //! GEGLU feed-forward.
 
+use crate::ops::{Conv2d, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::ops::{self, AttentionMask, GroupNorm, LayerNorm};
 
@@ -36,16 +37,16 @@ impl Attention {
         let context_dim = cfg.context_dim.unwrap_or(cfg.query_dim);
         let proj = |i, o, name| {
             if cfg.qkv_bias {
-                candle_nn::linear(i, o, vb.pp(name))
+                crate::ops::linear(i, o, vb.pp(name))
             } else {
-                candle_nn::linear_no_bias(i, o, vb.pp(name))
+                crate::ops::linear_no_bias(i, o, vb.pp(name))
             }
         };
         Ok(Self {
             to_q: proj(cfg.query_dim, inner, "to_q")?,
             to_k: proj(context_dim, inner, "to_k")?,
             to_v: proj(context_dim, inner, "to_v")?,
-            to_out: candle_nn::linear(inner, cfg.query_dim, vb.pp("to_out").pp(0))?,
+            to_out: crate::ops::linear(inner, cfg.query_dim, vb.pp("to_out").pp(0))?,
             heads: cfg.heads,
         })
     }
@@ -84,8 +85,8 @@ impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let hidden = 4 * dim;
         Ok(Self {
-            geglu_proj: candle_nn::linear(dim, 2 * hidden, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(hidden, dim, vb.pp("net.2"))?,
+            geglu_proj: crate::ops::linear(dim, 2 * hidden, vb.pp("net.0.proj"))?,
+            out: crate::ops::linear(hidden, dim, vb.pp("net.2"))?,
             hidden,
         })
     }
@@ -159,9 +160,9 @@ enum Projection {
 impl Projection {
     fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, linear: bool) -> Result<Self> {
         Ok(if linear {
-            Self::Linear(candle_nn::linear(in_dim, out_dim, vb)?)
+            Self::Linear(crate::ops::linear(in_dim, out_dim, vb)?)
         } else {
-            Self::Conv(candle_nn::conv2d(
+            Self::Conv(crate::ops::conv2d(
                 in_dim,
                 out_dim,
                 1,

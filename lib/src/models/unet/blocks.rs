@@ -3,8 +3,9 @@
 //! cross-attention (`CrossAttnDownBlock2D` / `DownBlock2D`, ...): the plain kind has no
 //! `attentions`.
 
+use crate::ops::{Conv2d, Conv2dConfig, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use std::sync::Arc;
 
@@ -48,7 +49,7 @@ pub(crate) fn conv_k(vb: VarBuilder, i: usize, o: usize, k: usize) -> Result<Con
         padding: k / 2,
         ..Default::default()
     };
-    candle_nn::conv2d(i, o, k, cfg, vb)
+    crate::ops::conv2d(i, o, k, cfg, vb)
 }
 
 impl ResnetBlock2D {
@@ -56,10 +57,10 @@ impl ResnetBlock2D {
         let (i, o) = (cfg.in_channels, cfg.out_channels);
         let time_emb_proj = cfg
             .temb_channels
-            .map(|t| candle_nn::linear(t, o, vb.pp("time_emb_proj")))
+            .map(|t| crate::ops::linear(t, o, vb.pp("time_emb_proj")))
             .transpose()?;
         let conv_shortcut = (i != o)
-            .then(|| candle_nn::conv2d(i, o, 1, Default::default(), vb.pp("conv_shortcut")))
+            .then(|| crate::ops::conv2d(i, o, 1, Default::default(), vb.pp("conv_shortcut")))
             .transpose()?;
         Ok(Self {
             norm1: GroupNorm::new(vb.pp("norm1"), cfg.groups, i, cfg.eps)?,
@@ -119,7 +120,7 @@ impl Downsample2D {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            conv: crate::ops::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
             pad_right_bottom: padding == 0,
         })
     }

@@ -2,8 +2,9 @@
 //! timestep (diffusers' `Timesteps` / `get_timestep_embedding`) and the two-layer MLP that maps
 //! it to the ResNets' `temb` (`time_embedding.linear_1`, `time_embedding.linear_2`).
 
+use crate::ops::Linear;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::ops;
 
@@ -54,8 +55,8 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     pub fn new(vb: VarBuilder, in_dim: usize, time_embed_dim: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, time_embed_dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+            linear_1: crate::ops::linear(in_dim, time_embed_dim, vb.pp("linear_1"))?,
+            linear_2: crate::ops::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
         })
     }
 }

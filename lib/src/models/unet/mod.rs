@@ -20,8 +20,9 @@ pub mod embeddings;
 
 use std::path::Path;
 
+use crate::ops::Conv2d;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::ops::{self, GroupNorm};
