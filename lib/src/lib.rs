@@ -9,7 +9,10 @@
 //! - [`models`]: the networks, named like their checkpoints: CLIP text encoder, classifiers.
 //! - [`parity`]: data-driven parity cases against the reference libraries.
 //! - [`testing`]: finite-difference gradient checks.
+//! - [`display`]: rich notebook output (images, tables, live progress) and interrupt polling,
+//!   as a plain-text marker protocol any Jupyter kernel can read.
 
+pub mod display;
 pub mod models;
 pub mod ops;
 pub mod parity;
