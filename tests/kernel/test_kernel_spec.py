@@ -16,7 +16,7 @@ class DiffexplainerKernelTests(jkt.KernelTests):
     def setUpClass(cls):
         super().setUpClass()
         # The first request waits for evcxr to start and the library to preload.
-        cls.kc.execute_interactive("1", timeout=600)
+        cls.kc.execute_interactive("1", timeout=600, output_hook=lambda msg: None)
 
     code_hello_world = 'println!("hello, world");'
     code_stderr = 'eprintln!("oops");'
