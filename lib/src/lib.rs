@@ -14,7 +14,10 @@
 //! - [`explain`]: DiffExplainer itself: objectives, the soft prompt.
 //! - [`parity`]: data-driven parity cases against the reference libraries.
 //! - [`testing`]: finite-difference gradient checks.
+//! - [`display`]: rich notebook output (images, tables, live progress) and interrupt polling,
+//!   as a plain-text marker protocol any Jupyter kernel can read.
 
+pub mod display;
 pub mod explain;
 pub mod io;
 pub mod lora;

@@ -1,0 +1,565 @@
+//! Rich display for notebooks: a plain-text marker protocol on stdout, so this library renders
+//! in Jupyter without depending on any kernel crate.
+//!
+//! Two wire formats, chosen at run time:
+//!
+//! * Under the `diffexplainer-kernel` (which sets `DIFFEXPLAINER_KERNEL=1` in the evaluation
+//!   process), [`show`] prints a *display block*; the kernel turns each block into one
+//!   `display_data` message as soon as it arrives, or into `update_display_data` when the block
+//!   says `"update": true` — so a cell can have many outputs and live-updating ones:
+//!
+//!   ```text
+//!   DIFFEXPLAINER_BEGIN_DISPLAY {"display_id":"de-1a2b","update":false}
+//!   DIFFEXPLAINER_BEGIN_CONTENT image/png
+//!   iVBORw0KGgo...            (base64; text types verbatim, any number of lines)
+//!   DIFFEXPLAINER_END_CONTENT
+//!   DIFFEXPLAINER_BEGIN_CONTENT text/plain
+//!   <Image 64x64>
+//!   DIFFEXPLAINER_END_CONTENT
+//!   DIFFEXPLAINER_END_DISPLAY
+//!   ```
+//!
+//! * Anywhere else (plain `evcxr_jupyter`, a terminal), [`show`] prints evcxr's own blocks
+//!   (`EVCXR_BEGIN_CONTENT mime` ... `EVCXR_END_CONTENT`); evcxr shows the last block of each
+//!   MIME type as the cell's result, and updates degrade to that.
+//!
+//! A value that is a cell's last expression renders through its `evcxr_display` method (evcxr
+//! calls it when it exists); [`Display::evcxr_display`] prints evcxr blocks, which both kernels
+//! turn into the cell's `execute_result`. Library types render by building a [`Display`].
+//!
+//! Interrupts: the kernel never kills the evaluation process on the first interrupt; it raises a
+//! flag that long loops poll with [`interrupted`] (see its documentation for the contract).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+
+/// Environment variable the kernel sets in the evaluation process.
+pub const KERNEL_ENV: &str = "DIFFEXPLAINER_KERNEL";
+/// Environment variable naming the file whose existence means "interrupt requested".
+pub const INTERRUPT_FILE_ENV: &str = "DIFFEXPLAINER_INTERRUPT_FILE";
+
+/// One output: the same content under one or more MIME types (the frontend picks the richest).
+/// Binary types (`image/png`) hold base64 text, as Jupyter's wire format does.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Display {
+    /// (MIME type, content) pairs in insertion order.
+    pub data: Vec<(String, String)>,
+}
+
+impl Display {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds (or replaces) the content for one MIME type.
+    pub fn with(mut self, mime: &str, content: impl Into<String>) -> Self {
+        let content = content.into();
+        match self.data.iter_mut().find(|(m, _)| m == mime) {
+            Some(slot) => slot.1 = content,
+            None => self.data.push((mime.to_string(), content)),
+        }
+        self
+    }
+    pub fn text(self, text: impl Into<String>) -> Self {
+        self.with("text/plain", text)
+    }
+    pub fn html(self, html: impl Into<String>) -> Self {
+        self.with("text/html", html)
+    }
+    pub fn svg(self, svg: impl Into<String>) -> Self {
+        self.with("image/svg+xml", svg)
+    }
+    /// PNG file bytes (base64-encoded here).
+    pub fn png(self, png_bytes: &[u8]) -> Self {
+        self.with("image/png", base64(png_bytes))
+    }
+    pub fn get(&self, mime: &str) -> Option<&str> {
+        self.data.iter().find(|(m, _)| m == mime).map(|(_, c)| c.as_str())
+    }
+
+    /// Called by evcxr when this value is a cell's last expression: prints evcxr blocks, which
+    /// become the cell's `execute_result`.
+    pub fn evcxr_display(&self) {
+        let mut out = String::new();
+        for (mime, content) in &self.data {
+            let _ = write!(out, "EVCXR_BEGIN_CONTENT {mime}\n{}\nEVCXR_END_CONTENT\n", content.trim_end_matches('\n'));
+        }
+        print_atomically(&out);
+    }
+}
+
+/// True when running under the diffexplainer kernel (display blocks and updates supported).
+pub fn in_kernel() -> bool {
+    std::env::var_os(KERNEL_ENV).is_some()
+}
+
+/// The display block text for `display` (public so the format is testable and documented).
+pub fn display_block(display: &Display, display_id: Option<&str>, update: bool) -> String {
+    let mut header = String::from("{");
+    if let Some(id) = display_id {
+        let _ = write!(header, "\"display_id\":\"{}\",", json_escape(id));
+    }
+    let _ = write!(header, "\"update\":{update}}}");
+    let mut out = format!("DIFFEXPLAINER_BEGIN_DISPLAY {header}\n");
+    for (mime, content) in &display.data {
+        let _ = write!(
+            out,
+            "DIFFEXPLAINER_BEGIN_CONTENT {mime}\n{}\nDIFFEXPLAINER_END_CONTENT\n",
+            content.trim_end_matches('\n')
+        );
+    }
+    out.push_str("DIFFEXPLAINER_END_DISPLAY\n");
+    out
+}
+
+fn emit(display: &Display, display_id: Option<&str>, update: bool) {
+    if in_kernel() {
+        print_atomically(&display_block(display, display_id, update));
+    } else {
+        display.evcxr_display();
+    }
+}
+
+fn print_atomically(text: &str) {
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    let _ = lock.write_all(text.as_bytes());
+    let _ = lock.flush();
+}
+
+/// Shows `display` now, as a new output of the running cell.
+pub fn show(display: &Display) {
+    emit(display, None, false);
+}
+
+/// Shows `display` as an output that can later be replaced in place through the handle.
+pub fn show_updatable(display: &Display) -> DisplayHandle {
+    let handle = DisplayHandle::new();
+    emit(display, Some(&handle.id), false);
+    handle
+}
+
+/// A display that can be updated in place (`update_display_data`).
+#[derive(Debug, Clone)]
+pub struct DisplayHandle {
+    pub id: String,
+}
+
+impl DisplayHandle {
+    fn new() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Self { id: format!("diffexplainer-{}-{nanos:x}-{n}", std::process::id()) }
+    }
+    pub fn update(&self, display: &Display) {
+        emit(display, Some(&self.id), true);
+    }
+}
+
+/// Live progress of a long loop: one output updated in place at most `max_per_second` times a
+/// second (default 4); the first and the [`Progress::finish`] call always render.
+#[derive(Debug)]
+pub struct Progress {
+    handle: Option<DisplayHandle>,
+    title: String,
+    min_interval: Duration,
+    last: Option<Instant>,
+    pending: Option<Vec<(String, String)>>,
+}
+
+impl Progress {
+    pub fn new(title: impl Into<String>) -> Self {
+        Self::with_rate(title, 4.0)
+    }
+    pub fn with_rate(title: impl Into<String>, max_per_second: f64) -> Self {
+        Self {
+            handle: None,
+            title: title.into(),
+            min_interval: Duration::from_secs_f64(1.0 / max_per_second.max(1e-3)),
+            last: None,
+            pending: None,
+        }
+    }
+    /// Records the latest fields (name, value); renders if the rate limit allows. Returns
+    /// whether it rendered.
+    pub fn update(&mut self, fields: &[(&str, String)]) -> bool {
+        let fields: Vec<(String, String)> =
+            fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let due = self.last.is_none_or(|t| t.elapsed() >= self.min_interval);
+        if due {
+            self.render(&fields, false);
+            self.pending = None;
+        } else {
+            self.pending = Some(fields);
+        }
+        due
+    }
+    /// Renders the last recorded fields (if not yet shown) and marks the progress finished.
+    pub fn finish(&mut self, note: &str) {
+        let fields = self.pending.take().unwrap_or_default();
+        let mut fields = fields;
+        if !note.is_empty() {
+            fields.push(("status".into(), note.into()));
+        }
+        self.render(&fields, true);
+    }
+    fn render(&mut self, fields: &[(String, String)], done: bool) {
+        let text = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("  ");
+        let mut html = format!(
+            "<div class=\"diffexplainer-progress\"><b>{}</b>{} ",
+            html_escape(&self.title),
+            if done { "" } else { " &#8230;" }
+        );
+        for (k, v) in fields {
+            let _ = write!(html, "&nbsp; {}: <code>{}</code>", html_escape(k), html_escape(v));
+        }
+        html.push_str("</div>");
+        let display = Display::new().text(format!("{}: {text}", self.title)).html(html);
+        match &self.handle {
+            Some(handle) => handle.update(&display),
+            None => self.handle = Some(show_updatable(&display)),
+        }
+        self.last = Some(Instant::now());
+    }
+}
+
+/// Whether the user asked to interrupt the running cell (the notebook's stop button).
+///
+/// Contract for long loops (the explainer's optimization loop and any user loop): call this once
+/// per iteration; when it returns true, stop *after* finishing the current iteration's
+/// bookkeeping and return the best result so far as a normal value (not an error, not a panic).
+/// The kernel then ends the cell normally, so the session's variables survive. The flag is a
+/// file (path in `DIFFEXPLAINER_INTERRUPT_FILE`) that the kernel creates on interrupt and removes
+/// when the next cell starts, so it is seen by every copy of this library in the process and
+/// costs one `stat` per call. A loop that never polls cannot be stopped this way; a second
+/// interrupt makes the kernel kill the evaluation process (variables are then lost).
+pub fn interrupted() -> bool {
+    match std::env::var_os(INTERRUPT_FILE_ENV) {
+        Some(path) => std::path::Path::new(&path).exists(),
+        None => false,
+    }
+}
+
+/// Acknowledges an interrupt (removes the flag) so a later loop in the same cell runs.
+pub fn clear_interrupt() {
+    if let Some(path) = std::env::var_os(INTERRUPT_FILE_ENV) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Installed by the kernel at start: reports panics as a marker line the kernel turns into an
+/// `error` message (the default hook's message still goes to stderr).
+pub fn install_kernel_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = if let Some(s) = info.payload().downcast_ref::<&str>() {
+            s.to_string()
+        } else if let Some(s) = info.payload().downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "Box<dyn Any>".to_string()
+        };
+        let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        print_atomically(&format!(
+            "DIFFEXPLAINER_PANIC {{\"message\":\"{}\",\"location\":\"{}\"}}\n",
+            json_escape(&message),
+            json_escape(location.as_deref().unwrap_or(""))
+        ));
+        default(info);
+    }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Builders for common outputs.
+
+/// An image from a tensor: (C, H, W) or (1, C, H, W) with C = 1 or 3, or (H, W); values in
+/// [0, 1] (clamped). Renders as PNG with a text fallback.
+pub fn image(tensor: &Tensor) -> candle_core::Result<Display> {
+    let (c, h, w, pixels) = tensor_to_hwc_u8(tensor)?;
+    let png = encode_png(w, h, c, &pixels);
+    Ok(Display::new().png(&png).text(format!("<image {w}x{h}, {c} channel(s)>")))
+}
+
+/// A grid of same-sized images (each as in [`image`], or a batch (N, C, H, W) passed as one
+/// element per image), `cols` per row, separated by `pad` white pixels.
+pub fn image_grid(tensors: &[Tensor], cols: usize, pad: usize) -> candle_core::Result<Display> {
+    let mut images = Vec::new();
+    for t in tensors {
+        images.push(tensor_to_hwc_u8(t)?);
+    }
+    let Some(&(_, h, w, _)) = images.first() else {
+        return Ok(Display::new().text("<empty image grid>"));
+    };
+    if images.iter().any(|&(_, ih, iw, _)| ih != h || iw != w) {
+        candle_core::bail!("image_grid: all images must have the same size");
+    }
+    let cols = cols.max(1).min(images.len());
+    let rows = images.len().div_ceil(cols);
+    let (gw, gh) = (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad);
+    let mut grid = vec![255u8; gw * gh * 3];
+    for (i, (c, _, _, px)) in images.iter().enumerate() {
+        let (ox, oy) = ((i % cols) * (w + pad), (i / cols) * (h + pad));
+        for y in 0..h {
+            for x in 0..w {
+                for k in 0..3 {
+                    let v = px[(y * w + x) * c + if *c == 1 { 0 } else { k }];
+                    grid[((oy + y) * gw + ox + x) * 3 + k] = v;
+                }
+            }
+        }
+    }
+    let png = encode_png(gw, gh, 3, &grid);
+    Ok(Display::new().png(&png).text(format!("<image grid {} images, {rows}x{cols}>", images.len())))
+}
+
+/// An HTML table (cells escaped) with a plain-text fallback.
+pub fn table<S: AsRef<str>>(headers: &[S], rows: &[Vec<String>]) -> Display {
+    let mut html = String::from("<table><thead><tr>");
+    for h in headers {
+        let _ = write!(html, "<th>{}</th>", html_escape(h.as_ref()));
+    }
+    html.push_str("</tr></thead><tbody>");
+    for row in rows {
+        html.push_str("<tr>");
+        for cell in row {
+            let _ = write!(html, "<td>{}</td>", html_escape(cell));
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</tbody></table>");
+    let mut text = headers.iter().map(|h| h.as_ref()).collect::<Vec<_>>().join("\t");
+    for row in rows {
+        text.push('\n');
+        text.push_str(&row.join("\t"));
+    }
+    Display::new().html(html).text(text)
+}
+
+/// An SVG (e.g. a plotters `SVGBackend` string), with an optional PNG fallback for frontends
+/// that do not render SVG.
+pub fn svg(svg: impl Into<String>, png_fallback: Option<&[u8]>) -> Display {
+    let mut d = Display::new().svg(svg).text("<svg chart>");
+    if let Some(png) = png_fallback {
+        d = d.png(png);
+    }
+    d
+}
+
+/// A newtype that renders a tensor as an image when it is a cell's last expression.
+#[derive(Debug, Clone)]
+pub struct Image(pub Tensor);
+
+impl Image {
+    pub fn evcxr_display(&self) {
+        match image(&self.0) {
+            Ok(d) => d.evcxr_display(),
+            Err(e) => Display::new().text(format!("<image error: {e}>")).evcxr_display(),
+        }
+    }
+}
+
+fn tensor_to_hwc_u8(t: &Tensor) -> candle_core::Result<(usize, usize, usize, Vec<u8>)> {
+    let t = match t.rank() {
+        4 if t.dim(0)? == 1 => t.squeeze(0)?,
+        2 => t.unsqueeze(0)?,
+        3 => t.clone(),
+        _ => candle_core::bail!("image: expected (C,H,W), (1,C,H,W) or (H,W), got {:?}", t.shape()),
+    };
+    let (c, h, w) = t.dims3()?;
+    if c != 1 && c != 3 {
+        candle_core::bail!("image: expected 1 or 3 channels, got {c}");
+    }
+    let hwc = t.to_dtype(DType::F32)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
+    let pixels = hwc.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    Ok((c, h, w, pixels))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoders (no dependencies): PNG with stored deflate blocks, base64.
+
+/// Encodes 8-bit pixels (`channels` = 1 gray, 3 RGB, 4 RGBA; row-major HWC) as a PNG file.
+/// Uncompressed (stored deflate blocks): larger files, but no codec dependency.
+pub fn encode_png(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Vec<u8> {
+    assert_eq!(pixels.len(), width * height * channels, "encode_png: pixel buffer size");
+    let color_type = match channels {
+        1 => 0u8,
+        3 => 2,
+        4 => 6,
+        _ => panic!("encode_png: channels must be 1, 3 or 4"),
+    };
+    let mut raw = Vec::with_capacity((width * channels + 1) * height);
+    for row in pixels.chunks(width * channels).take(height) {
+        raw.push(0); // filter: none
+        raw.extend_from_slice(row);
+    }
+    let mut zlib = vec![0x78, 0x01];
+    let mut blocks = raw.chunks(65535).peekable();
+    if blocks.peek().is_none() {
+        zlib.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(block) = blocks.next() {
+        zlib.push(u8::from(blocks.peek().is_none()));
+        let len = block.len() as u16;
+        zlib.extend_from_slice(&len.to_le_bytes());
+        zlib.extend_from_slice(&(!len).to_le_bytes());
+        zlib.extend_from_slice(block);
+    }
+    zlib.extend_from_slice(&adler32(&raw).to_be_bytes());
+
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&(width as u32).to_be_bytes());
+    ihdr.extend_from_slice(&(height as u32).to_be_bytes());
+    ihdr.extend_from_slice(&[8, color_type, 0, 0, 0]);
+    png_chunk(&mut png, b"IHDR", &ihdr);
+    png_chunk(&mut png, b"IDAT", &zlib);
+    png_chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let start = out.len();
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    let crc = crc32(&out[start..]);
+    out.extend_from_slice(&crc.to_be_bytes());
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+fn adler32(data: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for chunk in data.chunks(5552) {
+        for &x in chunk {
+            a += u32::from(x);
+            b += a;
+        }
+        a %= 65521;
+        b %= 65521;
+    }
+    (b << 16) | a
+}
+
+/// Standard base64 with padding.
+pub fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+pub fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn json_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), expected);
+        }
+    }
+
+    #[test]
+    fn crc_and_adler_known_values() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
+    }
+
+    #[test]
+    fn png_has_signature_and_chunks() {
+        let png = encode_png(2, 2, 3, &[255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255]);
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&png[12..16], b"IHDR");
+        assert_eq!(&png[png.len() - 8..png.len() - 4], b"IEND");
+    }
+
+    #[test]
+    fn display_block_format() {
+        let d = Display::new().text("hi\n").html("<b>hi</b>");
+        let block = display_block(&d, Some("id\"1"), true);
+        assert_eq!(
+            block,
+            "DIFFEXPLAINER_BEGIN_DISPLAY {\"display_id\":\"id\\\"1\",\"update\":true}\n\
+             DIFFEXPLAINER_BEGIN_CONTENT text/plain\nhi\nDIFFEXPLAINER_END_CONTENT\n\
+             DIFFEXPLAINER_BEGIN_CONTENT text/html\n<b>hi</b>\nDIFFEXPLAINER_END_CONTENT\n\
+             DIFFEXPLAINER_END_DISPLAY\n"
+        );
+    }
+
+    #[test]
+    fn image_grid_from_tensors() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::zeros((3, 4, 5), DType::F32, &dev)?;
+        let b = Tensor::ones((1, 4, 5), DType::F32, &dev)?;
+        let d = image_grid(&[a.clone(), b, a], 2, 1)?;
+        assert!(d.get("image/png").unwrap().starts_with("iVBORw0KGgo"));
+        assert!(image(&Tensor::zeros((2, 4, 5), DType::F32, &dev)?).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn progress_is_rate_limited() {
+        let mut p = Progress::with_rate("t", 2.0);
+        assert!(p.update(&[("iter", "0".into())]));
+        assert!(!p.update(&[("iter", "1".into())]));
+        assert_eq!(p.pending.as_ref().unwrap()[0].1, "1");
+    }
+}
