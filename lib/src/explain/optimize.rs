@@ -96,8 +96,10 @@ impl CancelToken {
     pub fn cancel(&self) {
         self.0.store(true, Ordering::SeqCst)
     }
+    /// Set by [`Self::cancel`], or by the notebook's interrupt button when running in our
+    /// Jupyter kernel ([`crate::display::interrupted`]).
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst) || crate::display::interrupted()
     }
 }
 
