@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared device call (GPU machine, no Rust there): CUDA parity of every committed case,
+# then one DiffExplainer iteration at real sizes, ours vs PyTorch/diffusers, per dtype.
+#
+# Built here beforehand (see docs/gpu-baseline.md):
+#   source ../shared/cuda/env.sh
+#   CARGO_TARGET_DIR=/work/target-cuda cargo build --release --features cuda -p diffexplainer \
+#       --bin diffexplainer --bin bench_iteration
+#   mkdir -p .device-carry && gzip -c $T/release/diffexplainer > .device-carry/diffexplainer.gz (same for bench_iteration)
+#   python3 -m pip download ... -d .whl diffusers==0.42.1 importlib_metadata   (device README)
+# Called as: bash bench/run_on_device.sh   (carry: .device-carry, .whl)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+bin=/tmp/dx-bin; mkdir -p $bin
+for f in .device-carry/*.gz; do gunzip -c "$f" > $bin/$(basename "$f" .gz); done
+chmod +x $bin/*
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+run() { bash bench/cuda-libs.sh "$@"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
+
+echo "== parity on CUDA (f32, same bars as CPU)"
+timeout 180 bash bench/cuda-libs.sh $bin/diffexplainer parity --device cuda tests/parity/cases > $OUT/parity_cuda.txt 2>&1
+echo "parity exit $?"; grep -E "FAIL|ERROR" $OUT/parity_cuda.txt | head -20; tail -1 $OUT/parity_cuda.txt
+
+# Peak device memory of a whole process, sampled by nvidia-smi every 50 ms (baseline subtracted).
+measure() { # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  local base; base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > $OUT/mem_$name.txt &
+  local mon=$!
+  timeout "$limit" "$@" > $OUT/run_$name.txt 2>&1; local rc=$?
+  kill $mon 2>/dev/null; wait $mon 2>/dev/null
+  local peak; peak=$(sort -n $OUT/mem_$name.txt | tail -1)
+  echo "{\"run\": \"$name\", \"rc\": $rc, \"smi_peak_mib\": $((peak - base))}" | tee -a $OUT/summary.jsonl
+  grep -E '^\{' $OUT/run_$name.txt | tee -a $OUT/summary.jsonl
+  [ $rc -eq 0 ] || tail -5 $OUT/run_$name.txt
+}
+for dt in f16 f32 bf16; do
+  tdt=$(echo $dt | sed 's/^f16$/float16/; s/^f32$/float32/; s/^bf16$/bfloat16/')
+  measure ours_$dt 150 run $bin/bench_iteration --device cuda --dtype $dt --iters 3 --warmup 1
+  measure torch_$dt 120 python3 bench/torch_iteration.py --dtypes $tdt --iters 5 --warmup 2
+done
+measure ours_f16_ckpt 150 run $bin/bench_iteration --device cuda --dtype f16 --iters 3 --warmup 1 --checkpointing
+echo "== summary"; cat $OUT/summary.jsonl
