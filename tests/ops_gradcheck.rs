@@ -306,3 +306,68 @@ fn frozen_layers_keep_no_weight_gradients_but_trainable_weights_get_theirs() {
         .unwrap();
     assert!(grads.get(wv.as_tensor()).is_some() && grads.get(x.as_tensor()).is_some());
 }
+
+#[test]
+fn memory_efficient_attention_matches_the_composed_reference() {
+    use diffexplainer::ops::attention::{composed_attention, memory_efficient_attention};
+    let q = input(&[2, 2, 7, 4], 1.0, 40);
+    let k = input(&[2, 2, 9, 4], 1.0, 41);
+    let v = input(&[2, 2, 9, 3], 1.0, 42);
+    let kc = input(&[2, 2, 7, 4], 1.0, 43);
+    let vc = input(&[2, 2, 7, 3], 1.0, 44);
+    let mask4 = input(&[2, 1, 7, 9], 2.0, 45);
+    let mask2 = input(&[1, 9], 2.0, 46); // broadcast over batch, heads and queries
+    let cases: Vec<(&str, &Tensor, &Tensor, AttentionMask)> = vec![
+        ("none", &k, &v, AttentionMask::None),
+        (
+            "additive [b,1,q,k]",
+            &k,
+            &v,
+            AttentionMask::Additive(&mask4),
+        ),
+        ("additive [1,k]", &k, &v, AttentionMask::Additive(&mask2)),
+        ("causal", &kc, &vc, AttentionMask::Causal),
+    ];
+    for (name, k, v, mask) in cases {
+        // Blocks of 3 query rows (7 = 3 + 3 + 1) exercise the block edges.
+        let cot = input(&[2, 2, 7, 3], 1.0, 47);
+        let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+            let (qv, kv, vv) = (
+                candle_core::Var::from_tensor(&q).unwrap(),
+                candle_core::Var::from_tensor(k).unwrap(),
+                candle_core::Var::from_tensor(v).unwrap(),
+            );
+            let y = f(qv.as_tensor(), kv.as_tensor(), vv.as_tensor()).unwrap();
+            let g = y.mul(&cot).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Tensor> = [&qv, &kv, &vv]
+                .iter()
+                .map(|x| g.get(x.as_tensor()).unwrap().clone())
+                .collect();
+            (y, grads)
+        };
+        let (y_ref, g_ref) = run(&|q, k, v| composed_attention(q, k, v, mask, None));
+        let (y, g) = run(&|q, k, v| memory_efficient_attention(q, k, v, mask, None, 3));
+        let diff = |a: &Tensor, b: &Tensor| {
+            a.sub(b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(
+            diff(&y, &y_ref) < 1e-12,
+            "{name}: forward differs by {}",
+            diff(&y, &y_ref)
+        );
+        for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+            assert!(
+                diff(a, b) < 1e-12,
+                "{name}: gradient {i} differs by {}",
+                diff(a, b)
+            );
+        }
+    }
+}

@@ -76,7 +76,10 @@ impl Display {
         self.with("image/png", base64(png_bytes))
     }
     pub fn get(&self, mime: &str) -> Option<&str> {
-        self.data.iter().find(|(m, _)| m == mime).map(|(_, c)| c.as_str())
+        self.data
+            .iter()
+            .find(|(m, _)| m == mime)
+            .map(|(_, c)| c.as_str())
     }
 
     /// Called by evcxr when this value is a cell's last expression: prints evcxr blocks, which
@@ -84,7 +87,11 @@ impl Display {
     pub fn evcxr_display(&self) {
         let mut out = String::new();
         for (mime, content) in &self.data {
-            let _ = write!(out, "EVCXR_BEGIN_CONTENT {mime}\n{}\nEVCXR_END_CONTENT\n", content.trim_end_matches('\n'));
+            let _ = write!(
+                out,
+                "EVCXR_BEGIN_CONTENT {mime}\n{}\nEVCXR_END_CONTENT\n",
+                content.trim_end_matches('\n')
+            );
         }
         print_atomically(&out);
     }
@@ -156,7 +163,9 @@ impl DisplayHandle {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self { id: format!("diffexplainer-{}-{nanos:x}-{n}", std::process::id()) }
+        Self {
+            id: format!("diffexplainer-{}-{nanos:x}-{n}", std::process::id()),
+        }
     }
     pub fn update(&self, display: &Display) {
         emit(display, Some(&self.id), true);
@@ -190,8 +199,10 @@ impl Progress {
     /// Records the latest fields (name, value); renders if the rate limit allows. Returns
     /// whether it rendered.
     pub fn update(&mut self, fields: &[(&str, String)]) -> bool {
-        let fields: Vec<(String, String)> =
-            fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let fields: Vec<(String, String)> = fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         let due = self.last.is_none_or(|t| t.elapsed() >= self.min_interval);
         if due {
             self.render(&fields, false);
@@ -211,17 +222,28 @@ impl Progress {
         self.render(&fields, true);
     }
     fn render(&mut self, fields: &[(String, String)], done: bool) {
-        let text = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("  ");
+        let text = fields
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join("  ");
         let mut html = format!(
             "<div class=\"diffexplainer-progress\"><b>{}</b>{} ",
             html_escape(&self.title),
             if done { "" } else { " &#8230;" }
         );
         for (k, v) in fields {
-            let _ = write!(html, "&nbsp; {}: <code>{}</code>", html_escape(k), html_escape(v));
+            let _ = write!(
+                html,
+                "&nbsp; {}: <code>{}</code>",
+                html_escape(k),
+                html_escape(v)
+            );
         }
         html.push_str("</div>");
-        let display = Display::new().text(format!("{}: {text}", self.title)).html(html);
+        let display = Display::new()
+            .text(format!("{}: {text}", self.title))
+            .html(html);
         match &self.handle {
             Some(handle) => handle.update(&display),
             None => self.handle = Some(show_updatable(&display)),
@@ -266,7 +288,9 @@ pub fn install_kernel_panic_hook() {
         } else {
             "Box<dyn Any>".to_string()
         };
-        let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
         print_atomically(&format!(
             "DIFFEXPLAINER_PANIC {{\"message\":\"{}\",\"location\":\"{}\"}}\n",
             json_escape(&message),
@@ -284,7 +308,9 @@ pub fn install_kernel_panic_hook() {
 pub fn image(tensor: &Tensor) -> candle_core::Result<Display> {
     let (c, h, w, pixels) = tensor_to_hwc_u8(tensor)?;
     let png = encode_png(w, h, c, &pixels);
-    Ok(Display::new().png(&png).text(format!("<image {w}x{h}, {c} channel(s)>")))
+    Ok(Display::new()
+        .png(&png)
+        .text(format!("<image {w}x{h}, {c} channel(s)>")))
 }
 
 /// A grid of same-sized images (each as in [`image`], or a batch (N, C, H, W) passed as one
@@ -316,7 +342,10 @@ pub fn image_grid(tensors: &[Tensor], cols: usize, pad: usize) -> candle_core::R
         }
     }
     let png = encode_png(gw, gh, 3, &grid);
-    Ok(Display::new().png(&png).text(format!("<image grid {} images, {rows}x{cols}>", images.len())))
+    Ok(Display::new().png(&png).text(format!(
+        "<image grid {} images, {rows}x{cols}>",
+        images.len()
+    )))
 }
 
 /// An HTML table (cells escaped) with a plain-text fallback.
@@ -334,7 +363,11 @@ pub fn table<S: AsRef<str>>(headers: &[S], rows: &[Vec<String>]) -> Display {
         html.push_str("</tr>");
     }
     html.push_str("</tbody></table>");
-    let mut text = headers.iter().map(|h| h.as_ref()).collect::<Vec<_>>().join("\t");
+    let mut text = headers
+        .iter()
+        .map(|h| h.as_ref())
+        .collect::<Vec<_>>()
+        .join("\t");
     for row in rows {
         text.push('\n');
         text.push_str(&row.join("\t"));
@@ -360,7 +393,9 @@ impl Image {
     pub fn evcxr_display(&self) {
         match image(&self.0) {
             Ok(d) => d.evcxr_display(),
-            Err(e) => Display::new().text(format!("<image error: {e}>")).evcxr_display(),
+            Err(e) => Display::new()
+                .text(format!("<image error: {e}>"))
+                .evcxr_display(),
         }
     }
 }
@@ -370,14 +405,24 @@ fn tensor_to_hwc_u8(t: &Tensor) -> candle_core::Result<(usize, usize, usize, Vec
         4 if t.dim(0)? == 1 => t.squeeze(0)?,
         2 => t.unsqueeze(0)?,
         3 => t.clone(),
-        _ => candle_core::bail!("image: expected (C,H,W), (1,C,H,W) or (H,W), got {:?}", t.shape()),
+        _ => candle_core::bail!(
+            "image: expected (C,H,W), (1,C,H,W) or (H,W), got {:?}",
+            t.shape()
+        ),
     };
     let (c, h, w) = t.dims3()?;
     if c != 1 && c != 3 {
         candle_core::bail!("image: expected 1 or 3 channels, got {c}");
     }
-    let hwc = t.to_dtype(DType::F32)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
-    let pixels = hwc.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    let hwc = t
+        .to_dtype(DType::F32)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let pixels = hwc
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
     Ok((c, h, w, pixels))
 }
 
@@ -387,7 +432,11 @@ fn tensor_to_hwc_u8(t: &Tensor) -> candle_core::Result<(usize, usize, usize, Vec
 /// Encodes 8-bit pixels (`channels` = 1 gray, 3 RGB, 4 RGBA; row-major HWC) as a PNG file.
 /// Uncompressed (stored deflate blocks): larger files, but no codec dependency.
 pub fn encode_png(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Vec<u8> {
-    assert_eq!(pixels.len(), width * height * channels, "encode_png: pixel buffer size");
+    assert_eq!(
+        pixels.len(),
+        width * height * channels,
+        "encode_png: pixel buffer size"
+    );
     let color_type = match channels {
         1 => 0u8,
         3 => 2,
@@ -438,7 +487,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -477,7 +530,10 @@ pub fn base64(bytes: &[u8]) -> String {
 }
 
 pub fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn json_escape(s: &str) -> String {

@@ -17,7 +17,9 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, Layout, Module, Result, Shape, Storage, Tensor,
+};
 pub use candle_nn::Conv2dConfig;
 use candle_nn::VarBuilder;
 
@@ -246,5 +248,100 @@ impl CustomOp1 for InputGradient {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.vjp)(grad)?))
+    }
+}
+
+/// Three-input version of [`attach`]: `y` becomes a node of the graph of `a`, `b`, `c` whose
+/// backward is `vjp(grad) -> (grad_a, grad_b, grad_c)` (used by memory-efficient attention).
+pub(crate) fn attach3(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    y: Tensor,
+    vjp: impl Fn(&Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let y = if y.is_contiguous() && y.layout().start_offset() == 0 {
+        y
+    } else {
+        y.copy()?
+    };
+    a.apply_op3(
+        b,
+        c,
+        InputGradient3 {
+            output: Mutex::new(Some(y)),
+            vjp: Box::new(vjp),
+        },
+    )
+}
+
+type Vjp3 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync>;
+
+struct InputGradient3 {
+    output: Mutex<Option<Tensor>>,
+    vjp: Vjp3,
+}
+
+impl CustomOp3 for InputGradient3 {
+    fn name(&self) -> &'static str {
+        "input-gradient-only-3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = InputGradient {
+            output: Mutex::new(self.take()?),
+            vjp: Box::new(|g| Ok(g.clone())),
+        };
+        CustomOp1::cpu_fwd(&op, &CpuStorage::F32(vec![]), &Layout::contiguous(0))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let op = InputGradient {
+            output: Mutex::new(self.take()?),
+            vjp: Box::new(|g| Ok(g.clone())),
+        };
+        CustomOp1::cuda_fwd(&op, s, l)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb, gc) = (self.vjp)(grad)?;
+        Ok((Some(ga), Some(gb), Some(gc)))
+    }
+}
+
+impl InputGradient3 {
+    fn take(&self) -> Result<Option<Tensor>> {
+        let y = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("input-gradient op: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("input-gradient op: forward ran twice".into())
+            })?;
+        Ok(Some(y))
     }
 }
