@@ -4,7 +4,10 @@ use serde_json::{json, Value};
 
 /// Jupyter offsets count Unicode code points; evcxr wants byte offsets.
 pub fn char_to_byte(code: &str, chars: usize) -> usize {
-    code.char_indices().nth(chars).map(|(b, _)| b).unwrap_or(code.len())
+    code.char_indices()
+        .nth(chars)
+        .map(|(b, _)| b)
+        .unwrap_or(code.len())
 }
 
 pub fn byte_to_char(code: &str, byte: usize) -> usize {

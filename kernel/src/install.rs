@@ -54,7 +54,10 @@ pub fn install(location: &Location, name: &str, display_name: &str) -> Result<Pa
     let spec = dir.join("kernel.json");
     if let Ok(existing) = std::fs::read_to_string(&spec) {
         if !existing.contains("diffexplainer-kernel") {
-            bail!("{} exists and is not a diffexplainer kernel; not overwriting it", spec.display());
+            bail!(
+                "{} exists and is not a diffexplainer kernel; not overwriting it",
+                spec.display()
+            );
         }
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

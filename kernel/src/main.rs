@@ -36,7 +36,12 @@ fn main() -> Result<()> {
     evcxr::runtime_hook();
 
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     match args.first().map(String::as_str) {
         Some("run") => {
             let Some(file) = flag("--connection-file").or_else(|| flag("-f")) else {
@@ -55,7 +60,8 @@ fn main() -> Result<()> {
                 install::Location::User
             };
             let name = flag("--name").unwrap_or_else(|| install::DEFAULT_NAME.to_string());
-            let display = flag("--display-name").unwrap_or_else(|| "Rust (diffexplainer)".to_string());
+            let display =
+                flag("--display-name").unwrap_or_else(|| "Rust (diffexplainer)".to_string());
             let dir = install::install(&location, &name, &display)?;
             println!("Installed kernelspec `{name}` in {}", dir.display());
             Ok(())

@@ -11,7 +11,11 @@ pub enum Event {
     /// Text for the `stdout` stream (lines joined, each ending in '\n').
     Text(String),
     /// A `display_data`, or an `update_display_data` when `update` is true.
-    Display { data: Map<String, Value>, display_id: Option<String>, update: bool },
+    Display {
+        data: Map<String, Value>,
+        display_id: Option<String>,
+        update: bool,
+    },
     /// A panic in the cell (from the panic hook the kernel installs).
     Panic { message: String, location: String },
 }
@@ -142,7 +146,11 @@ mod tests {
         assert_eq!(ev.len(), 3);
         assert_eq!(ev[0], Event::Text("hello\nworld\n".into()));
         match &ev[1] {
-            Event::Display { data, display_id, update } => {
+            Event::Display {
+                data,
+                display_id,
+                update,
+            } => {
                 assert_eq!(data["text/plain"], "a\nb");
                 assert_eq!(data["image/png"], "iVBOR");
                 assert_eq!(display_id.as_deref(), Some("p1"));
@@ -156,25 +164,44 @@ mod tests {
     #[test]
     fn malformed_and_unterminated_blocks_become_text() {
         let ev = parse(&["DIFFEXPLAINER_BEGIN_DISPLAY {}", "junk"]);
-        assert_eq!(ev, vec![Event::Text("DIFFEXPLAINER_BEGIN_DISPLAY {}\njunk\n".into())]);
-        let ev = parse(&["DIFFEXPLAINER_BEGIN_DISPLAY {}", "DIFFEXPLAINER_BEGIN_CONTENT text/plain", "x"]);
+        assert_eq!(
+            ev,
+            vec![Event::Text("DIFFEXPLAINER_BEGIN_DISPLAY {}\njunk\n".into())]
+        );
+        let ev = parse(&[
+            "DIFFEXPLAINER_BEGIN_DISPLAY {}",
+            "DIFFEXPLAINER_BEGIN_CONTENT text/plain",
+            "x",
+        ]);
         assert!(matches!(&ev[0], Event::Text(t) if t.ends_with("x\n")));
     }
 
     #[test]
     fn panic_marker() {
         let ev = parse(&[r#"DIFFEXPLAINER_PANIC {"message":"boom","location":"src/lib.rs:1:2"}"#]);
-        assert_eq!(ev, vec![Event::Panic { message: "boom".into(), location: "src/lib.rs:1:2".into() }]);
+        assert_eq!(
+            ev,
+            vec![Event::Panic {
+                message: "boom".into(),
+                location: "src/lib.rs:1:2".into()
+            }]
+        );
     }
 
     #[test]
     fn library_block_format_roundtrips() {
         // The exact text diffexplainer::display::display_block produces.
-        let d = diffexplainer::display::Display::new().text("t").html("<i>h</i>");
+        let d = diffexplainer::display::Display::new()
+            .text("t")
+            .html("<i>h</i>");
         let block = diffexplainer::display::display_block(&d, Some("x"), false);
         let lines: Vec<&str> = block.lines().collect();
         match &parse(&lines)[0] {
-            Event::Display { data, display_id, update } => {
+            Event::Display {
+                data,
+                display_id,
+                update,
+            } => {
                 assert_eq!(data["text/html"], "<i>h</i>");
                 assert_eq!(display_id.as_deref(), Some("x"));
                 assert!(!update);

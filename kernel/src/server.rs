@@ -40,7 +40,10 @@ pub fn run(info: ConnectionInfo, session: Session) -> Result<()> {
 async fn bind<S: Socket>(info: &ConnectionInfo, port: u16) -> Result<S> {
     let mut socket = S::new();
     let endpoint = info.endpoint(port);
-    socket.bind(&endpoint).await.with_context(|| format!("binding {endpoint}"))?;
+    socket
+        .bind(&endpoint)
+        .await
+        .with_context(|| format!("binding {endpoint}"))?;
     Ok(socket)
 }
 
@@ -49,7 +52,11 @@ fn to_zmq(parts: Vec<Bytes>) -> ZmqMessage {
 }
 
 /// Receives the next message that parses and verifies; others are logged and dropped.
-async fn recv_verified<S: SocketRecv>(socket: &mut S, mac: Option<&HmacSha256>, name: &str) -> Result<Message> {
+async fn recv_verified<S: SocketRecv>(
+    socket: &mut S,
+    mac: Option<&HmacSha256>,
+    name: &str,
+) -> Result<Message> {
     loop {
         let raw = socket.recv().await?;
         match Message::from_parts(raw.into_vec(), mac) {
@@ -124,9 +131,15 @@ async fn serve(info: ConnectionInfo, session: Session) -> Result<()> {
     loop {
         let msg = recv_verified(&mut control, mac.as_ref(), "control").await?;
         let (reply, stop) = handle_control(&shared, &msg);
-        shared.iopub.send(msg.child("status", json!({"execution_state": "busy"}))).ok();
+        shared
+            .iopub
+            .send(msg.child("status", json!({"execution_state": "busy"})))
+            .ok();
         control.send(to_zmq(reply.to_parts(mac.as_ref()))).await?;
-        shared.iopub.send(msg.child("status", json!({"execution_state": "idle"}))).ok();
+        shared
+            .iopub
+            .send(msg.child("status", json!({"execution_state": "idle"})))
+            .ok();
         if stop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             shared.kill_child();
@@ -163,9 +176,16 @@ impl Shared {
         }
         self.runtime.block_on(async {
             let mut stdin = self.stdin.lock().await;
-            let mut req = parent.child("input_request", json!({"prompt": prompt, "password": password}));
+            let mut req = parent.child(
+                "input_request",
+                json!({"prompt": prompt, "password": password}),
+            );
             req.identities.clone_from(&parent.identities);
-            if stdin.send(to_zmq(req.to_parts(self.mac.as_ref()))).await.is_err() {
+            if stdin
+                .send(to_zmq(req.to_parts(self.mac.as_ref())))
+                .await
+                .is_err()
+            {
                 return String::new();
             }
             match recv_verified(&mut *stdin, self.mac.as_ref(), "stdin").await {
@@ -203,9 +223,15 @@ fn handle_control(shared: &Shared, msg: &Message) -> (Message, bool) {
     }
 }
 
-async fn handle_shell(shared: &Arc<Shared>, jobs: &std::sync::mpsc::Sender<Job>, msg: Message) -> Vec<Message> {
+async fn handle_shell(
+    shared: &Arc<Shared>,
+    jobs: &std::sync::mpsc::Sender<Job>,
+    msg: Message,
+) -> Vec<Message> {
     let iopub = &shared.iopub;
-    iopub.send(msg.child("status", json!({"execution_state": "busy"}))).ok();
+    iopub
+        .send(msg.child("status", json!({"execution_state": "busy"})))
+        .ok();
     let replies = match msg.msg_type() {
         "kernel_info_request" => vec![msg.reply(kernel_info())],
         "is_complete_request" => {
@@ -237,7 +263,9 @@ async fn handle_shell(shared: &Arc<Shared>, jobs: &std::sync::mpsc::Sender<Job>,
         "comm_open" => {
             // No comm targets: close it right away, as the protocol asks.
             let id = msg.content["comm_id"].clone();
-            iopub.send(msg.child("comm_close", json!({"comm_id": id, "data": {}}))).ok();
+            iopub
+                .send(msg.child("comm_close", json!({"comm_id": id, "data": {}})))
+                .ok();
             vec![]
         }
         "comm_msg" | "comm_close" => vec![],
@@ -246,7 +274,9 @@ async fn handle_shell(shared: &Arc<Shared>, jobs: &std::sync::mpsc::Sender<Job>,
             vec![]
         }
     };
-    iopub.send(msg.child("status", json!({"execution_state": "idle"}))).ok();
+    iopub
+        .send(msg.child("status", json!({"execution_state": "idle"})))
+        .ok();
     replies
 }
 
@@ -303,12 +333,20 @@ impl Pump {
         for ev in events {
             let msg = match ev {
                 Event::Text(text) => parent.child("stream", json!({"name": stream, "text": text})),
-                Event::Display { data, display_id, update } => {
+                Event::Display {
+                    data,
+                    display_id,
+                    update,
+                } => {
                     let mut content = json!({"data": data, "metadata": {}, "transient": {}});
                     if let Some(id) = display_id {
                         content["transient"] = json!({"display_id": id});
                     }
-                    let kind = if update { "update_display_data" } else { "display_data" };
+                    let kind = if update {
+                        "update_display_data"
+                    } else {
+                        "display_data"
+                    };
                     parent.child(kind, content)
                 }
                 Event::Panic { message, location } => {
@@ -343,13 +381,21 @@ fn spawn_pump(
         // Let a burst of lines arrive so they go out as one message.
         std::thread::sleep(Duration::from_millis(2));
         let mut p = pump.lock().unwrap();
-        let (name, rx) = if index == 0 { ("stdout", &stdout) } else { ("stderr", &stderr) };
+        let (name, rx) = if index == 0 {
+            ("stdout", &stdout)
+        } else {
+            ("stderr", &stderr)
+        };
         let lines = drain(rx);
         if lines.is_empty() && rx.is_empty() {
             // Disconnected senders make `ready` return immediately; stop when both are gone.
-            if matches!(stdout.recv_timeout(Duration::ZERO), Err(crossbeam_channel::RecvTimeoutError::Disconnected))
-                && matches!(stderr.recv_timeout(Duration::ZERO), Err(crossbeam_channel::RecvTimeoutError::Disconnected))
-            {
+            if matches!(
+                stdout.recv_timeout(Duration::ZERO),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+            ) && matches!(
+                stderr.recv_timeout(Duration::ZERO),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+            ) {
                 return;
             }
         }
@@ -383,7 +429,11 @@ impl Evaluator {
     }
 
     fn start(shared: Arc<Shared>) -> Evaluator {
-        let pump = Arc::new(Mutex::new(Pump { parser: MarkerParser::default(), parent: None, panics: Vec::new() }));
+        let pump = Arc::new(Mutex::new(Pump {
+            parser: MarkerParser::default(),
+            parent: None,
+            panics: Vec::new(),
+        }));
         let mut ev = Evaluator {
             ctx: None,
             startup_error: None,
@@ -412,13 +462,19 @@ impl Evaluator {
         let ctx = ev.ctx.as_mut().unwrap();
         for cmd in shared.session.preload() {
             if let Err(e) = ctx.execute(&cmd) {
-                let msg = format!("preloading the diffexplainer library failed at `{cmd}`:\n{}", render_error(&e));
+                let msg = format!(
+                    "preloading the diffexplainer library failed at `{cmd}`:\n{}",
+                    render_error(&e)
+                );
                 eprintln!("diffexplainer-kernel: {msg}");
                 ev.startup_error = Some(msg);
                 break;
             }
         }
-        eprintln!("diffexplainer-kernel: library preloaded in {:.2?}", t1.elapsed());
+        eprintln!(
+            "diffexplainer-kernel: library preloaded in {:.2?}",
+            t1.elapsed()
+        );
         ev
     }
 
@@ -447,17 +503,33 @@ impl Evaluator {
         let count = self.execution_count;
         let iopub = self.shared.iopub.clone();
         if !silent {
-            iopub.send(msg.child("execute_input", json!({"code": code, "execution_count": count}))).ok();
+            iopub
+                .send(msg.child(
+                    "execute_input",
+                    json!({"code": code, "execution_count": count}),
+                ))
+                .ok();
         }
         let error_reply = |ename: &str, evalue: &str, traceback: Vec<String>| -> Message {
-            iopub.send(msg.child("error", json!({"ename": ename, "evalue": evalue, "traceback": traceback}))).ok();
+            iopub
+                .send(msg.child(
+                    "error",
+                    json!({"ename": ename, "evalue": evalue, "traceback": traceback}),
+                ))
+                .ok();
             msg.reply(json!({"status": "error", "execution_count": count, "ename": ename, "evalue": evalue, "traceback": traceback}))
         };
         if let Some(e) = &self.startup_error {
             let e = e.clone();
-            return error_reply("KernelStartupError", &e, e.lines().map(str::to_string).collect());
+            return error_reply(
+                "KernelStartupError",
+                &e,
+                e.lines().map(str::to_string).collect(),
+            );
         }
-        let Some(ctx) = self.ctx.as_mut() else { unreachable!() };
+        let Some(ctx) = self.ctx.as_mut() else {
+            unreachable!()
+        };
 
         let _ = std::fs::remove_file(&self.shared.session.interrupt_file);
         self.shared.interrupts.store(0, Ordering::SeqCst);
@@ -486,10 +558,18 @@ impl Evaluator {
             p.parser.finish(&mut events);
             let text: String = events
                 .into_iter()
-                .filter_map(|e| if let Event::Text(t) = e { Some(t) } else { None })
+                .filter_map(|e| {
+                    if let Event::Text(t) = e {
+                        Some(t)
+                    } else {
+                        None
+                    }
+                })
                 .collect();
             if !text.is_empty() {
-                iopub.send(msg.child("stream", json!({"name": "stdout", "text": text}))).ok();
+                iopub
+                    .send(msg.child("stream", json!({"name": "stdout", "text": text})))
+                    .ok();
             }
             std::mem::take(&mut p.panics)
         });
@@ -517,7 +597,10 @@ impl Evaluator {
                             data.insert(mime, v);
                         }
                         iopub
-                            .send(msg.child("execute_result", json!({"execution_count": count, "data": data, "metadata": {}})))
+                            .send(msg.child(
+                                "execute_result",
+                                json!({"execution_count": count, "data": data, "metadata": {}}),
+                            ))
                             .ok();
                     }
                     msg.reply(json!({"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}))
@@ -562,7 +645,9 @@ impl Evaluator {
         let cursor = msg.content["cursor_pos"].as_u64().unwrap_or(0) as usize;
         let byte = crate::analysis::char_to_byte(code, cursor);
         let empty = json!({"status": "ok", "matches": [], "cursor_start": cursor, "cursor_end": cursor, "metadata": {}});
-        let Some(ctx) = self.ctx.as_mut() else { return msg.reply(empty) };
+        let Some(ctx) = self.ctx.as_mut() else {
+            return msg.reply(empty);
+        };
         match ctx.completions(code, byte) {
             Ok(c) => {
                 let matches: Vec<String> = c.completions.iter().map(|c| c.code.clone()).collect();
@@ -587,7 +672,9 @@ impl Evaluator {
         let cursor = msg.content["cursor_pos"].as_u64().unwrap_or(0) as usize;
         let byte = crate::analysis::char_to_byte(code, cursor);
         let not_found = json!({"status": "ok", "found": false, "data": {}, "metadata": {}});
-        let Some(ctx) = self.ctx.as_mut() else { return msg.reply(not_found) };
+        let Some(ctx) = self.ctx.as_mut() else {
+            return msg.reply(not_found);
+        };
         match ctx.hover_at(code, byte) {
             Ok((plain, _)) if plain == "No documentation found" => msg.reply(not_found),
             Ok((plain, html)) => msg.reply(json!({
@@ -600,21 +687,35 @@ impl Evaluator {
 
 fn render_error(e: &evcxr::Error) -> String {
     match e {
-        evcxr::Error::CompilationErrors(errors) => {
-            errors.iter().map(|e| e.rendered()).collect::<Vec<_>>().join("\n")
-        }
+        evcxr::Error::CompilationErrors(errors) => errors
+            .iter()
+            .map(|e| e.rendered())
+            .collect::<Vec<_>>()
+            .join("\n"),
         other => other.to_string(),
     }
 }
 
 /// rustc's diagnostic, mapped onto the cell's own lines when it comes from user code.
-fn compile_error_traceback(error: &evcxr::CompilationError, source: &str, count: u64) -> Vec<String> {
+fn compile_error_traceback(
+    error: &evcxr::CompilationError,
+    source: &str,
+    count: u64,
+) -> Vec<String> {
     if error.is_from_user_code() {
         let file_name = format!("cell[{count}]");
-        if let Some(report) = error.build_report(file_name.clone(), source.to_string(), evcxr::Theme::Light) {
+        if let Some(report) =
+            error.build_report(file_name.clone(), source.to_string(), evcxr::Theme::Light)
+        {
             let mut out = Vec::new();
-            if report.write(ariadne::sources([(file_name, source)]), &mut out).is_ok() {
-                return String::from_utf8_lossy(&out).lines().map(str::to_string).collect();
+            if report
+                .write(ariadne::sources([(file_name, source)]), &mut out)
+                .is_ok()
+            {
+                return String::from_utf8_lossy(&out)
+                    .lines()
+                    .map(str::to_string)
+                    .collect();
             }
         }
     }

@@ -24,7 +24,9 @@ pub fn lib_path() -> PathBuf {
 pub fn cache_root() -> PathBuf {
     match std::env::var_os("DIFFEXPLAINER_KERNEL_CACHE") {
         Some(p) => PathBuf::from(p),
-        None => dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("diffexplainer-kernel"),
+        None => dirs::cache_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("diffexplainer-kernel"),
     }
 }
 
@@ -39,10 +41,13 @@ impl Session {
     pub fn create() -> Result<Session> {
         let root = cache_root();
         let target = root.join("target");
-        std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
         let sessions = root.join("sessions");
         remove_stale_sessions(&sessions);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos();
         let dir = sessions.join(format!("{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         #[cfg(unix)]
@@ -62,14 +67,20 @@ impl Session {
         if let Some(sysroot) = rustc_sysroot() {
             let mut paths = vec![sysroot.join("lib")];
             if let Some(host) = rustc_host() {
-                paths.insert(0, sysroot.join("lib").join("rustlib").join(host).join("lib"));
+                paths.insert(
+                    0,
+                    sysroot.join("lib").join("rustlib").join(host).join("lib"),
+                );
             }
             if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
                 paths.extend(std::env::split_paths(&old));
             }
             std::env::set_var("LD_LIBRARY_PATH", std::env::join_paths(paths)?);
         }
-        Ok(Session { dir, interrupt_file })
+        Ok(Session {
+            dir,
+            interrupt_file,
+        })
     }
 
     /// The cells run before the user's first one.
@@ -94,7 +105,9 @@ impl Session {
 
 /// Removes session directories left by kernels that are gone (Linux: no /proc/<pid>).
 fn remove_stale_sessions(sessions: &Path) {
-    let Ok(entries) = std::fs::read_dir(sessions) else { return };
+    let Ok(entries) = std::fs::read_dir(sessions) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) {
@@ -106,16 +119,23 @@ fn remove_stale_sessions(sessions: &Path) {
 }
 
 fn rustc_sysroot() -> Option<PathBuf> {
-    let out = std::process::Command::new("rustc").args(["--print", "sysroot"]).output().ok()?;
+    let out = std::process::Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
     let s = String::from_utf8(out.stdout).ok()?;
     let p = PathBuf::from(s.trim());
     p.is_dir().then_some(p)
 }
 
 fn rustc_host() -> Option<String> {
-    let out = std::process::Command::new("rustc").arg("-vV").output().ok()?;
+    let out = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .ok()?;
     let s = String::from_utf8(out.stdout).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+    s.lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
 }
 
 pub fn rustc_version() -> String {

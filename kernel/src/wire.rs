@@ -58,10 +58,16 @@ impl ConnectionInfo {
             signature_scheme: string("signature_scheme", Some("hmac-sha256"))?,
         };
         if info.transport != "tcp" {
-            bail!("connection file: transport `{}` is not supported (only tcp)", info.transport);
+            bail!(
+                "connection file: transport `{}` is not supported (only tcp)",
+                info.transport
+            );
         }
         if !info.key.is_empty() && info.signature_scheme != "hmac-sha256" {
-            bail!("connection file: signature scheme `{}` is not supported", info.signature_scheme);
+            bail!(
+                "connection file: signature scheme `{}` is not supported",
+                info.signature_scheme
+            );
         }
         Ok(info)
     }
@@ -115,7 +121,10 @@ impl Message {
             .position(|p| &p[..] == DELIMITER)
             .ok_or_else(|| anyhow!("message without <IDS|MSG> delimiter"))?;
         if parts.len() < delim + 6 {
-            bail!("message with {} parts after the delimiter (need 5)", parts.len() - delim - 1);
+            bail!(
+                "message with {} parts after the delimiter (need 5)",
+                parts.len() - delim - 1
+            );
         }
         let identities = parts[..delim].to_vec();
         let signature = &parts[delim + 1];
@@ -126,7 +135,8 @@ impl Message {
                 mac.update(p);
             }
             let given = hex::decode(signature).map_err(|_| anyhow!("bad signature (not hex)"))?;
-            mac.verify_slice(&given).map_err(|_| anyhow!("bad signature"))?;
+            mac.verify_slice(&given)
+                .map_err(|_| anyhow!("bad signature"))?;
         }
         let json = |b: &Bytes| -> Result<Value> { Ok(serde_json::from_slice(b)?) };
         Ok(Message {
@@ -141,10 +151,15 @@ impl Message {
 
     /// Serializes and signs.
     pub fn to_parts(&self, mac: Option<&HmacSha256>) -> Vec<Bytes> {
-        let jparts: Vec<Bytes> = [&self.header, &self.parent_header, &self.metadata, &self.content]
-            .iter()
-            .map(|v| Bytes::from(serde_json::to_vec(v).expect("JSON values serialize")))
-            .collect();
+        let jparts: Vec<Bytes> = [
+            &self.header,
+            &self.parent_header,
+            &self.metadata,
+            &self.content,
+        ]
+        .iter()
+        .map(|v| Bytes::from(serde_json::to_vec(v).expect("JSON values serialize")))
+        .collect();
         let signature = mac.map(|m| sign(m, &jparts)).unwrap_or_default();
         let mut parts = self.identities.clone();
         parts.push(Bytes::from_static(DELIMITER));
