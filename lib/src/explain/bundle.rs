@@ -267,6 +267,25 @@ impl ModelSpec {
     pub fn dtype(&self) -> anyhow::Result<DType> {
         parse_dtype(&self.dtype)
     }
+
+    /// Only the tokenizer and text encoder (all the textual explanation needs).
+    pub fn load_text_encoder(
+        &self,
+        device: &Device,
+    ) -> anyhow::Result<(ClipTokenizer, ClipTextModel)> {
+        let dtype = self.dtype()?;
+        match &self.diffusion {
+            DiffusionSource::Tiny { seed } => Ok((
+                ClipTokenizer::embedded()?,
+                ClipTextModel::new(seeded_vb(*seed, 1, dtype, device), &tiny::clip_config())?,
+            )),
+            DiffusionSource::Dir { path } => load_text_dir(path, dtype, device),
+            DiffusionSource::Hub { repo, revision } => {
+                let (dir, _) = resolve_hub_model(repo, revision.as_deref())?;
+                load_text_dir(&dir, dtype, device)
+            }
+        }
+    }
 }
 
 /// `f32`, `f16`, `bf16`, `f64`.
@@ -486,41 +505,9 @@ fn load_diffusers_dir(
     device: &Device,
     lora: Option<&(PathBuf, f64)>,
 ) -> anyhow::Result<Diffusion> {
-    if !dir.is_dir() {
-        anyhow::bail!("model folder {} not found", dir.display())
-    }
-    let need = |rel: &str| -> anyhow::Result<PathBuf> {
-        let path = dir.join(rel);
-        if path.exists() {
-            Ok(path)
-        } else {
-            anyhow::bail!(
-                "{}: not a complete diffusers model folder: {rel} is missing (expected \
-                 tokenizer/, text_encoder/, unet/, vae/, scheduler/)",
-                dir.display()
-            )
-        }
-    };
-    let weights = |sub: &str, stem: &str| -> anyhow::Result<PathBuf> {
-        for name in [
-            format!("{stem}.safetensors"),
-            format!("{stem}.fp16.safetensors"),
-        ] {
-            let path = dir.join(sub).join(&name);
-            if path.is_file() {
-                return Ok(path);
-            }
-        }
-        anyhow::bail!(
-            "{}: no weights in {sub}/ (expected {stem}.safetensors or {stem}.fp16.safetensors)",
-            dir.display()
-        )
-    };
-    let tokenizer = ClipTokenizer::from_pretrained_dir(need("tokenizer")?)?;
-    let text_cfg = ClipTextConfig::from_file(need("text_encoder/config.json")?)?;
-    let text_vb = crate::weights::Checkpoint::open(weights("text_encoder", "model")?)?
-        .into_var_builder(dtype, device);
-    let text_encoder = ClipTextModel::new(text_vb, &text_cfg)?;
+    let need = |rel: &str| need_file(dir, rel);
+    let weights = |sub: &str, stem: &str| weights_file(dir, sub, stem);
+    let (tokenizer, text_encoder) = load_text_dir(dir, dtype, device)?;
 
     let unet_cfg = UNet2DConditionConfig::from_file(need("unet/config.json")?)?;
     let mut unet_ckpt =
@@ -549,6 +536,52 @@ fn load_diffusers_dir(
         vae,
         scheduler_config,
     })
+}
+
+fn need_file(dir: &Path, rel: &str) -> anyhow::Result<PathBuf> {
+    if !dir.is_dir() {
+        anyhow::bail!("model folder {} not found", dir.display())
+    }
+    let path = dir.join(rel);
+    if path.exists() {
+        Ok(path)
+    } else {
+        anyhow::bail!(
+            "{}: not a complete diffusers model folder: {rel} is missing (expected \
+             tokenizer/, text_encoder/, unet/, vae/, scheduler/)",
+            dir.display()
+        )
+    }
+}
+
+/// `sub/stem.safetensors`, else its `.fp16` variant.
+fn weights_file(dir: &Path, sub: &str, stem: &str) -> anyhow::Result<PathBuf> {
+    for name in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
+        let path = dir.join(sub).join(&name);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    anyhow::bail!(
+        "{}: no weights in {sub}/ (expected {stem}.safetensors or {stem}.fp16.safetensors)",
+        dir.display()
+    )
+}
+
+/// The tokenizer and text encoder of a diffusers folder.
+fn load_text_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<(ClipTokenizer, ClipTextModel)> {
+    let tokenizer = ClipTokenizer::from_pretrained_dir(need_file(dir, "tokenizer")?)?;
+    let text_cfg = ClipTextConfig::from_file(need_file(dir, "text_encoder/config.json")?)?;
+    let text_vb = crate::weights::Checkpoint::open(weights_file(dir, "text_encoder", "model")?)?
+        .into_var_builder(dtype, device);
+    Ok((tokenizer, ClipTextModel::new(text_vb, &text_cfg)?))
 }
 
 /// The files a diffusion model needs from the Hub (fp32 weights; `.fp16` variants also load).
@@ -587,7 +620,13 @@ pub fn resolve_hub_model(repo: &str, revision: Option<&str>) -> anyhow::Result<(
     let r = hub_repo(repo, revision);
     let rev = r.revision().to_string();
     let folder = cache.path().join(r.folder_name());
-    let marker = cache.repo(r.clone()).get("model_index.json");
+    // A commit hash names its snapshot folder directly (hf-hub looks revisions up in refs/).
+    let by_commit = folder.join("snapshots").join(&rev).join("model_index.json");
+    let marker = if by_commit.is_file() {
+        Some(by_commit)
+    } else {
+        cache.repo(r.clone()).get("model_index.json")
+    };
     let Some(marker) = marker else {
         anyhow::bail!(
             "model `{repo}` (revision {rev}) is not in the local Hugging Face cache ({} has no \

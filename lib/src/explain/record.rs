@@ -506,3 +506,43 @@ impl RunRecord {
         self.reproduce_with(&self.pipeline(device)?)
     }
 }
+
+/// A whole recorded run: creates the record in `dir`, runs [`super::optimize()`] writing every
+/// iteration as it goes (then calling `on_iteration`, e.g. for a progress bar), and finishes
+/// the record with the best prompt's nearest tokens (`top_k` per vector). A cancelled run is
+/// finished and recorded like any other (its summary says `Cancelled`).
+#[allow(clippy::too_many_arguments)]
+pub fn run_recorded(
+    dir: &Path,
+    pipeline: &DiffusionPipeline,
+    prompt: &mut SoftPrompt,
+    config: &RunConfig,
+    cancel: &super::optimize::CancelToken,
+    top_k: usize,
+    mut on_iteration: impl FnMut(&IterationMetrics),
+) -> anyhow::Result<(Optimized, RunSummary)> {
+    let mut writer = RunWriter::create(dir, config, prompt)?;
+    let result = super::optimize::optimize(
+        pipeline,
+        prompt,
+        &config.objective,
+        config.target_class,
+        &config.optimize,
+        cancel,
+        |m, images| {
+            writer.on_iteration(m, images)?;
+            on_iteration(m);
+            Ok(())
+        },
+    )?;
+    let bundle = pipeline.bundle();
+    let explanation = super::tokens::nearest_tokens(
+        prompt.template(),
+        &result.best_vectors,
+        &bundle.text_encoder.token_embedding,
+        &bundle.tokenizer,
+        top_k,
+    )?;
+    let summary = writer.finish(&result, Some(explanation))?;
+    Ok((result, summary))
+}
