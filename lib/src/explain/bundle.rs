@@ -757,39 +757,48 @@ fn seeded_vb(seed: u64, component: u64, dtype: DType, device: &Device) -> VarBui
 }
 
 /// Tiny configurations of the embedded default (SD-1.x-shaped, a few thousand parameters each
-/// apart from CLIP's 49408×32 token table).
+/// apart from CLIP's 49408×32 token table), as the JSON of their `config.json` files.
 pub mod tiny {
     use super::*;
 
-    pub fn clip_config() -> ClipTextConfig {
-        serde_json::from_value(serde_json::json!({
+    pub fn clip_json() -> serde_json::Value {
+        serde_json::json!({
             "vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
             "hidden_act": "quick_gelu"
-        }))
-        .expect("a valid CLIP config")
+        })
     }
 
-    pub fn unet_config() -> UNet2DConditionConfig {
-        serde_json::from_value(serde_json::json!({
+    pub fn unet_json() -> serde_json::Value {
+        serde_json::json!({
             "block_out_channels": [16, 32], "layers_per_block": 1,
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
             "cross_attention_dim": 32, "attention_head_dim": 2, "norm_num_groups": 8,
             "sample_size": 8
-        }))
-        .expect("a valid UNet config")
+        })
     }
 
     /// Three blocks: 8×8 latents decode to 32×32 images.
-    pub fn vae_config() -> AutoencoderKLConfig {
-        serde_json::from_value(serde_json::json!({
+    pub fn vae_json() -> serde_json::Value {
+        serde_json::json!({
             "block_out_channels": [8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4,
             "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
             "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
             "latent_channels": 4, "sample_size": 32
-        }))
-        .expect("a valid VAE config")
+        })
+    }
+
+    pub fn clip_config() -> ClipTextConfig {
+        serde_json::from_value(clip_json()).expect("a valid CLIP config")
+    }
+
+    pub fn unet_config() -> UNet2DConditionConfig {
+        serde_json::from_value(unet_json()).expect("a valid UNet config")
+    }
+
+    pub fn vae_config() -> AutoencoderKLConfig {
+        serde_json::from_value(vae_json()).expect("a valid VAE config")
     }
 
     /// A ViT (smooth everywhere, so a random one has no dead units) on 32×32 images, 10 classes.
@@ -803,6 +812,98 @@ pub mod tiny {
             mlp_dim: 64,
             num_classes: 10,
         })
+    }
+}
+
+/// Writes the tiny default's diffusion models as a diffusers folder (`model_index.json`,
+/// `tokenizer/`, `text_encoder/`, `unet/`, `vae/` (decoder weights), `scheduler/` with an LCM
+/// config): loaded with [`DiffusionSource::Dir`] it gives the same images as
+/// [`DiffusionSource::Tiny`] with the same seed. For trying and testing the folder loading.
+pub fn write_tiny_diffusers_folder(seed: u64, dir: &Path) -> anyhow::Result<()> {
+    let write_json = |rel: &str, value: &serde_json::Value| -> anyhow::Result<()> {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().expect("a file in a folder"))?;
+        crate::io::write_bytes_atomically(&path, &serde_json::to_vec_pretty(value)?)
+    };
+    let save = |rel: &str, tensors: &std::collections::HashMap<String, Tensor>| {
+        let path = dir.join(rel);
+        crate::io::write_atomically(&path, |tmp| {
+            candle_core::safetensors::save(tensors, tmp).map_err(Into::into)
+        })
+    };
+    let record = |component: u64, build: &dyn Fn(VarBuilder) -> candle_core::Result<()>| {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let backend = Recording {
+            inner: SeededWeights {
+                seed: seed.wrapping_mul(31).wrapping_add(component),
+            },
+            seen: seen.clone(),
+        };
+        build(VarBuilder::from_backend(
+            Box::new(backend),
+            DType::F32,
+            Device::Cpu,
+        ))?;
+        let tensors = seen.lock().map(|m| m.clone()).unwrap_or_default();
+        anyhow::Ok(tensors)
+    };
+    write_json(
+        "model_index.json",
+        &serde_json::json!({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "tiny"}),
+    )?;
+    ClipTokenizer::embedded()?.save_pretrained(dir.join("tokenizer"))?;
+    write_json("text_encoder/config.json", &tiny::clip_json())?;
+    let clip = record(1, &|vb| {
+        ClipTextModel::new(vb, &tiny::clip_config()).map(drop)
+    })?;
+    save("text_encoder/model.safetensors", &clip)?;
+    write_json("unet/config.json", &tiny::unet_json())?;
+    let unet = record(2, &|vb| {
+        UNet2DConditionModel::new(vb, &tiny::unet_config()).map(drop)
+    })?;
+    save("unet/diffusion_pytorch_model.safetensors", &unet)?;
+    write_json("vae/config.json", &tiny::vae_json())?;
+    let vae = record(3, &|vb| {
+        AutoencoderKL::decoder_only(vb, &tiny::vae_config()).map(drop)
+    })?;
+    save("vae/diffusion_pytorch_model.safetensors", &vae)?;
+    write_json(
+        "scheduler/scheduler_config.json",
+        &serde_json::json!({"_class_name": "LCMScheduler"}),
+    )?;
+    Ok(())
+}
+
+/// [`SeededWeights`] that remembers what it made (to save it).
+struct Recording {
+    inner: SeededWeights,
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Tensor>>>,
+}
+
+impl SimpleBackend for Recording {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self
+            .inner
+            .get(shape, name, init, DType::F32, &Device::Cpu)?;
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.insert(name.to_string(), t.clone());
+        }
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.inner.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
     }
 }
 
