@@ -105,6 +105,24 @@ impl TapTop for serde_json::Value {
     }
 }
 
+#[test]
+fn bare_explain_runs_the_embedded_default() {
+    let out = temp_dir("bare");
+    let o = bin()
+        .args(["explain", "--iterations", "2"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no objective given"), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("logit[3]") && text.contains("prompt: A texture of "),
+        "{text}"
+    );
+}
+
 #[cfg(unix)]
 #[test]
 fn ctrl_c_cancels_at_the_next_iteration_and_still_writes_the_record() {
@@ -216,7 +234,15 @@ fn bad_arguments_name_the_bad_value_and_write_nothing() {
     let e = stderr(&o);
     assert!(!o.status.success() && e.contains("/no/such/model"), "{e}");
 
-    let o = run(&["explain"]);
+    let o = run(&[
+        "explain",
+        "--preset",
+        "sd-turbo",
+        "--classifier",
+        "robust-resnet50",
+        "--classifier-checkpoint",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+    ]);
     let e = stderr(&o);
     assert!(!o.status.success() && e.contains("--class"), "{e}");
 

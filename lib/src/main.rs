@@ -28,6 +28,8 @@ struct Cli {
     command: Command,
 }
 
+// One value per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Optimize a soft prompt so that the generated images maximize a class logit or hidden
@@ -393,8 +395,21 @@ impl ModelArgs {
     }
 }
 
+/// The tiny default's objective when none is given (its classes are arbitrary anyway).
+const TINY_DEFAULT_CLASS: usize = 3;
+
 fn objective_of(args: &ExplainArgs) -> anyhow::Result<(Objective, Option<usize>)> {
     Ok(match (args.class, args.neuron, &args.features) {
+        (None, None, None) if args.model.is_tiny() => {
+            eprintln!(
+                "no objective given: maximizing class {TINY_DEFAULT_CLASS}'s logit of the tiny \
+                 random classifier (choose with --class, --neuron or --features)"
+            );
+            (
+                Objective::logit(TINY_DEFAULT_CLASS),
+                Some(TINY_DEFAULT_CLASS),
+            )
+        }
         (Some(c), None, None) if args.log_probability => (Objective::log_probability(c), Some(c)),
         (Some(c), None, None) => (Objective::logit(c), Some(c)),
         (None, Some(n), None) => (Objective::neuron(n), None),
