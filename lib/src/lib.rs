@@ -11,7 +11,9 @@
 //! - [`sampling`]: schedulers (DDIM, LCM, Euler ancestral) and the differentiable sampling loop.
 //! - [`tokenizer`]: CLIP's BPE tokenizer (prompt text -> 77 token ids), with OpenAI's vocabulary
 //!   compiled in.
-//! - [`explain`]: DiffExplainer itself: objectives, the soft prompt.
+//! - [`explain`]: DiffExplainer itself: objectives, the soft prompt, model bundles (diffusers
+//!   folders, the local Hugging Face cache, presets, an embedded tiny default), the
+//!   differentiable pipeline, the optimization loop, nearest-token explanations, run records.
 //! - [`parity`]: data-driven parity cases against the reference libraries.
 //! - [`testing`]: finite-difference gradient checks.
 //! - [`display`]: rich notebook output (images, tables, live progress) and interrupt polling,

@@ -1,12 +1,21 @@
-//! DiffExplainer itself: what to maximize ([`objective`]), the soft prompt, the optimization
-//! loop and its records.
+//! DiffExplainer itself: what to maximize ([`objective`]), the soft prompt, the models
+//! ([`bundle`]) and the differentiable pipeline through them ([`pipeline`]), the optimization
+//! loop, the textual explanation ([`tokens`]) and run records ([`record`]).
 
+pub mod bundle;
 pub mod objective;
 pub mod optimize;
+pub mod pipeline;
+pub mod record;
 pub mod soft_prompt;
+pub mod tokens;
 
+pub use bundle::{ClassifierSpec, DiffusionSource, ModelBundle, ModelSpec};
 pub use objective::Objective;
 pub use optimize::{
     optimize, CancelToken, IterationMetrics, OptimizeConfig, Optimized, Pipeline, StopReason,
 };
+pub use pipeline::{DiffusionPipeline, PipelineOptions};
+pub use record::{RunConfig, RunRecord, RunSummary, RunWriter};
 pub use soft_prompt::{SoftPrompt, SoftPromptInit};
+pub use tokens::{nearest_tokens, TextualExplanation};

@@ -19,7 +19,7 @@ use candle_core::{Result, Tensor, D};
 use crate::models::classifiers::ClassifierOutput;
 
 /// One objective term. Compose terms with `+`, `-`, unary `-` and `f64 *`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Term {
     /// The class's logit.
     Logit(usize),
@@ -35,8 +35,8 @@ pub enum Term {
     Diversity { tap: String },
 }
 
-/// A weighted sum of terms, to maximize.
-#[derive(Debug, Clone, PartialEq)]
+/// A weighted sum of terms, to maximize. Serializes as its terms (run records keep it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Objective {
     pub terms: Vec<(f64, Term)>,
 }

@@ -126,23 +126,13 @@ impl SoftPrompt {
         max_len: usize,
         device: &Device,
     ) -> anyhow::Result<PromptIds> {
-        let template = tokenizer.encode_template(&self.template, self.num_vectors(), max_len)?;
-        let mut ids = template.ids;
-        let placeholder_id = (0u32..)
-            .find(|candidate| {
-                !ids.iter()
-                    .enumerate()
-                    .any(|(p, id)| id == candidate && !template.slots.contains(&p))
-            })
-            .expect("a prompt of 77 ids leaves some id unused");
-        ids[template.slots.clone()]
-            .iter_mut()
-            .for_each(|id| *id = placeholder_id);
-        let len = ids.len();
-        Ok(PromptIds {
-            ids: Tensor::from_vec(ids, (1, len), device)?,
-            placeholder_id,
-        })
+        prompt_ids(
+            &self.template,
+            self.num_vectors(),
+            tokenizer,
+            max_len,
+            device,
+        )
     }
 
     /// Runs the text encoder on the template with the soft vectors spliced in: the conditioning
@@ -152,20 +142,12 @@ impl SoftPrompt {
         tokenizer: &ClipTokenizer,
         text_model: &ClipTextModel,
     ) -> anyhow::Result<ClipTextOutput> {
-        let table = &text_model.token_embedding;
-        let prompt = self.prompt_ids(
+        encode_vectors(
+            &self.template,
+            self.vectors.as_tensor(),
             tokenizer,
-            text_model.config().max_position_embeddings,
-            table.device(),
-        )?;
-        let tokens = text_model.embed_tokens(&prompt.ids)?;
-        let soft = self
-            .vectors
-            .as_tensor()
-            .to_dtype(tokens.dtype())?
-            .to_device(tokens.device())?;
-        let embeds = text_model.splice(&tokens, &prompt.ids, prompt.placeholder_id, &soft)?;
-        Ok(text_model.forward_embeds(&embeds, &prompt.ids)?)
+            text_model,
+        )
     }
 
     /// Saves the vectors (`soft_prompt`, `[k, d]` f32) and the template (metadata) as safetensors.
@@ -204,4 +186,59 @@ impl SoftPrompt {
             .with_context(|| format!("{}: no tensor `soft_prompt`", path.display()))?;
         Self::from_vectors(&template, vectors).with_context(|| format!("{}", path.display()))
     }
+}
+
+/// The token ids of `template` with `k` soft positions on `device`, marked by a placeholder id.
+pub fn prompt_ids(
+    template: &str,
+    k: usize,
+    tokenizer: &ClipTokenizer,
+    max_len: usize,
+    device: &Device,
+) -> anyhow::Result<PromptIds> {
+    let template = tokenizer.encode_template(template, k, max_len)?;
+    let mut ids = template.ids;
+    let placeholder_id = (0u32..)
+        .find(|candidate| {
+            !ids.iter()
+                .enumerate()
+                .any(|(p, id)| id == candidate && !template.slots.contains(&p))
+        })
+        .expect("a prompt of 77 ids leaves some id unused");
+    ids[template.slots.clone()]
+        .iter_mut()
+        .for_each(|id| *id = placeholder_id);
+    let len = ids.len();
+    Ok(PromptIds {
+        ids: Tensor::from_vec(ids, (1, len), device)?,
+        placeholder_id,
+    })
+}
+
+/// [`SoftPrompt::encode`] for any vectors `[k, d]` (any float dtype, e.g. f64 for a
+/// finite-difference check): they are cast to the text model's dtype and spliced in, so the
+/// output is differentiable with respect to `vectors` itself.
+pub fn encode_vectors(
+    template: &str,
+    vectors: &Tensor,
+    tokenizer: &ClipTokenizer,
+    text_model: &ClipTextModel,
+) -> anyhow::Result<ClipTextOutput> {
+    let (k, _) = vectors
+        .dims2()
+        .context("soft prompt vectors must be [k, d]")?;
+    let table = &text_model.token_embedding;
+    let prompt = prompt_ids(
+        template,
+        k,
+        tokenizer,
+        text_model.config().max_position_embeddings,
+        table.device(),
+    )?;
+    let tokens = text_model.embed_tokens(&prompt.ids)?;
+    let soft = vectors
+        .to_dtype(tokens.dtype())?
+        .to_device(tokens.device())?;
+    let embeds = text_model.splice(&tokens, &prompt.ids, prompt.placeholder_id, &soft)?;
+    Ok(text_model.forward_embeds(&embeds, &prompt.ids)?)
 }

@@ -1,0 +1,174 @@
+//! Model bundles from files: a diffusers folder (the tiny default written to disk) gives the
+//! same images as the in-code tiny models; a Hub id resolves in a local Hugging Face cache and
+//! the record keeps the commit; a LoRA is fused into the UNet at load time.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use diffexplainer::explain::bundle::{
+    write_tiny_diffusers_folder, ClassifierSpec, DiffusionSource, FileSource, LoraSpec,
+};
+use diffexplainer::explain::{
+    DiffusionPipeline, ModelBundle, ModelSpec, PipelineOptions, SoftPromptInit,
+};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dx-bundle-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn images(spec: &ModelSpec) -> Vec<f32> {
+    let bundle = ModelBundle::load(spec, &Device::Cpu).unwrap();
+    let pipeline = DiffusionPipeline::new(bundle, PipelineOptions::default()).unwrap();
+    let prompt = pipeline
+        .new_prompt("A texture of {}", 1, &SoftPromptInit::Word("moss".into()))
+        .unwrap();
+    pipeline
+        .generate(prompt.template(), prompt.vectors())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn folder_spec(path: PathBuf) -> ModelSpec {
+    ModelSpec {
+        preset: None,
+        diffusion: DiffusionSource::Dir { path },
+        scheduler: None, // the folder's own (LCMScheduler)
+        ..ModelSpec::tiny(0)
+    }
+}
+
+#[test]
+fn folders_hub_cache_and_lora() {
+    let dir = temp_dir("folder");
+    write_tiny_diffusers_folder(0, &dir).unwrap();
+    let in_code = images(&ModelSpec::tiny(0));
+    assert_eq!(images(&folder_spec(dir.clone())), in_code);
+
+    // The same folder as a snapshot in a Hugging Face cache.
+    let hf_home = temp_dir("hf");
+    let repo = hf_home.join("hub/models--someone--tiny-sd");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    std::fs::rename(&dir, repo.join("snapshots/0123abcd")).unwrap();
+    std::env::set_var("HF_HOME", &hf_home);
+    let spec = ModelSpec {
+        diffusion: DiffusionSource::Hub {
+            repo: "someone/tiny-sd".into(),
+            revision: None,
+        },
+        ..folder_spec(PathBuf::new())
+    };
+    let bundle = ModelBundle::load(&spec, &Device::Cpu).unwrap();
+    assert_eq!(
+        bundle.spec.diffusion,
+        DiffusionSource::Hub {
+            repo: "someone/tiny-sd".into(),
+            revision: Some("0123abcd".into())
+        },
+        "the loaded spec records the commit found"
+    );
+    assert_eq!(images(&spec), in_code);
+    // A revision given as a commit hash finds its snapshot directly.
+    let by_commit = ModelSpec {
+        diffusion: DiffusionSource::Hub {
+            repo: "someone/tiny-sd".into(),
+            revision: Some("0123abcd".into()),
+        },
+        ..spec.clone()
+    };
+    assert_eq!(images(&by_commit), in_code);
+    let snapshot = repo.join("snapshots/0123abcd");
+
+    // A LoRA (diffusers/PEFT keys) on the time embedding's first linear (16 -> 64), rank 2.
+    let lora_path = hf_home.join("lora.safetensors");
+    let t = |shape: &[usize], seed: u64| {
+        diffexplainer::testing::pseudo_random_tensor(shape, 0.5, seed, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let lora: HashMap<String, Tensor> = [
+        (
+            "unet.time_embedding.linear_1.lora_A.weight".to_string(),
+            t(&[2, 16], 1),
+        ),
+        (
+            "unet.time_embedding.linear_1.lora_B.weight".to_string(),
+            t(&[64, 2], 2),
+        ),
+    ]
+    .into();
+    candle_core::safetensors::save(&lora, &lora_path).unwrap();
+    let with_lora = |scale: f64| ModelSpec {
+        lora: Some(LoraSpec {
+            source: FileSource::Path {
+                path: lora_path.clone(),
+            },
+            scale,
+        }),
+        ..folder_spec(snapshot.clone())
+    };
+    assert_eq!(images(&with_lora(0.0)), in_code, "scale 0 changes nothing");
+    assert_ne!(images(&with_lora(1.0)), in_code, "scale 1 changes the UNet");
+
+    // A LoRA for another model adapts nothing here: refused, not silently ignored.
+    let other: HashMap<String, Tensor> = [
+        (
+            "unet.no_such_block.lora_A.weight".to_string(),
+            t(&[2, 16], 1),
+        ),
+        (
+            "unet.no_such_block.lora_B.weight".to_string(),
+            t(&[64, 2], 2),
+        ),
+    ]
+    .into();
+    candle_core::safetensors::save(&other, &lora_path).unwrap();
+    let err = format!(
+        "{:#}",
+        ModelBundle::load(&with_lora(1.0), &Device::Cpu).unwrap_err()
+    );
+    assert!(
+        err.contains("no_such_block") || err.contains("adapts none"),
+        "{err}"
+    );
+
+    // Only the text encoder, for the textual explanation.
+    let (tok, clip) = folder_spec(snapshot.clone())
+        .load_text_encoder(&Device::Cpu)
+        .unwrap();
+    let (_, tiny_clip) = ModelSpec::tiny(0).load_text_encoder(&Device::Cpu).unwrap();
+    assert_eq!(tok.vocab_size(), 49408);
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        flat(&clip.token_embedding),
+        flat(&tiny_clip.token_embedding)
+    );
+
+    // A folder missing a part names it.
+    std::fs::remove_dir_all(snapshot.join("vae")).unwrap();
+    let err = format!(
+        "{:#}",
+        ModelBundle::load(&folder_spec(snapshot.clone()), &Device::Cpu).unwrap_err()
+    );
+    assert!(err.contains("vae/config.json is missing"), "{err}");
+}
+
+#[test]
+fn classifier_presets_name_their_architecture_and_input_size() {
+    // The committed tiny robust ResNet fixture stands in for a checkpoint of the preset's
+    // architecture family; its own normalization comes from the file.
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/robust_resnet_tiny.pt");
+    let spec = ClassifierSpec::preset("robust-resnet50", Some(fixture.clone())).unwrap();
+    assert_eq!(spec.arch, "resnet50");
+    assert_eq!(spec.input_size, 256);
+    assert_eq!(spec.checkpoint, Some(fixture));
+}
