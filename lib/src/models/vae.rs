@@ -26,7 +26,7 @@
 
 use std::path::Path;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
 use serde::Deserialize;
 
@@ -438,6 +438,42 @@ impl AutoencoderKL {
                 .then(|| conv1x1(vb.pp("post_quant_conv"), config.latent_channels))
                 .transpose()?,
         })
+    }
+
+    /// Loads encoder and decoder from `<dir>/vae/config.json` and
+    /// `<dir>/vae/diffusion_pytorch_model[.<variant>].safetensors` of a diffusers model folder
+    /// (see [`crate::pretrained`]), converting the weights to `dtype` on `device`.
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (vb, cfg) = Self::pretrained_parts(dir.as_ref(), variant, dtype, device)?;
+        Self::new(vb, &cfg)
+    }
+
+    /// As [`Self::from_pretrained`], the decoder half only (the encoder's weights are not read).
+    pub fn decoder_only_from_pretrained(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (vb, cfg) = Self::pretrained_parts(dir.as_ref(), variant, dtype, device)?;
+        Self::decoder_only(vb, &cfg)
+    }
+
+    fn pretrained_parts(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, AutoencoderKLConfig)> {
+        use crate::pretrained::{config_path, open_weights, VAE};
+        let cfg = AutoencoderKLConfig::from_file(config_path(dir, &VAE)?)?;
+        let vb = open_weights(dir, &VAE, variant)?.into_var_builder(dtype, device);
+        Ok((vb, cfg))
     }
 
     /// diffusers' `vae.decode(z).sample`: unscaled latents `[b, latent_channels, h, w]` to an
