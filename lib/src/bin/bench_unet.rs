@@ -17,7 +17,7 @@
 //!
 //! - `tiny`: the parity-case shapes (8x8 latents, a 2-block UNet of 8/16 channels, a 2-block
 //!   VAE of 8/16 channels).
-//! - `small`: the SD 1.5 layout at a quarter of the width (32..128 channels, 77 tokens of width
+//! - `small`: the SD 1.5 layout at a tenth of the width (32..128 channels, 77 tokens of width
 //!   768), 32x32 latents.
 //! - `sd15`: Stable Diffusion 1.5 itself (UNet 320/640/1280/1280, 2 layers per block, 8 heads,
 //!   cross-attention 768, 77 tokens: 860 M parameters; VAE decoder 512/512/256/128), 64x64
