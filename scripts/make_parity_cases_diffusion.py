@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Writes the diffusion-model parity cases (UNet2DConditionModel, AutoencoderKL) into
-tests/parity/cases/, in the format of docs/parity-format.md.
+"""Writes the diffusion-model parity cases (UNet2DConditionModel, AutoencoderKL, and a whole
+4-step LCM sample + decode) into tests/parity/cases/, in the format of docs/parity-format.md.
 
 Run by hand (not in CI): needs torch and diffusers (CPU is enough).
 
-    python3 scripts/make_parity_cases_diffusion.py [--out tests/parity/cases]
+    python3 scripts/make_parity_cases_diffusion.py [--out tests/parity/cases] [--only NAME ...]
 
 Every case is a tiny random configuration of the reference class itself. All parameters are
 re-drawn at random (diffusers zero-initializes some output projections, which would hide a cut
@@ -18,7 +18,8 @@ import os
 
 import torch
 import diffusers
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+from diffusers.schedulers import scheduling_lcm
 from safetensors.torch import save_file
 
 SEED = 20240611
@@ -53,8 +54,13 @@ def save_case(out_dir, name, *, kind, model, cls, inputs, grad_inputs, run, opti
     model = model.double().eval()
     # diffusers' own config.json (save_pretrained writes exactly this).
     model.save_config(path)
+    write_case(path, kind=kind, reference=reference(cls), weights=model.state_dict(),
+               inputs=inputs, grad_inputs=grad_inputs, run=lambda x: run(model, x), options=options)
 
-    weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+
+def write_case(path, *, kind, reference, weights, inputs, grad_inputs, run, options=None):
+    """Everything but config.json: `run(inputs) -> {output name: tensor}` in float64."""
+    weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
     save_file(weights, os.path.join(path, "weights.safetensors"))
 
     # The model sees exactly the float32 values that are saved.
@@ -65,7 +71,7 @@ def save_case(out_dir, name, *, kind, model, cls, inputs, grad_inputs, run, opti
         if k in grad_inputs:
             t.requires_grad_(True)
         leaves[k] = t
-    outputs = run(model, leaves)
+    outputs = run(leaves)
 
     gen = torch.Generator().manual_seed(SEED + 1)
     cotangents = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in outputs.items()}
@@ -82,7 +88,7 @@ def save_case(out_dir, name, *, kind, model, cls, inputs, grad_inputs, run, opti
 
     case = {
         "kind": kind,
-        "reference": reference(cls),
+        "reference": reference,
         "outputs": sorted(outputs),
         "grad_inputs": list(grad_inputs),
     }
@@ -141,11 +147,101 @@ def tiny_vae():
     )
 
 
+class FixedNoise:
+    """Stands in for diffusers' randn_tensor inside LCMScheduler.step: returns the given tensors
+    in order (as scripts/make_scheduler_fixtures.py does), so the reference path uses exactly the
+    noises the case stores."""
+
+    def __init__(self):
+        self.queue = []
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
+        t = self.queue.pop(0)
+        assert tuple(t.shape) == tuple(shape), (t.shape, shape)
+        return t.to(dtype=dtype or t.dtype)
+
+
+# SD 1.5's scheduler/scheduler_config.json; LCMScheduler.from_config(it), as the lcm-lora-sdv1-5
+# model card does.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+def lcm_sample_decode_case(out_dir, name, steps=4):
+    """A whole DiffExplainer forward: `steps` LCM steps of a tiny UNet from fixed noise, then the
+    tiny VAE decoder on `latents / scaling_factor`; gradients w.r.t. the text conditioning."""
+    gen = torch.Generator().manual_seed(SEED + 7)
+    unet = tiny_unet()
+    randomize_(unet, gen)
+    vae = tiny_vae()
+    randomize_(vae, gen)
+    unet, vae = unet.double().eval(), vae.double().eval()
+    scheduler = LCMScheduler.from_config(SD15_SCHEDULER)
+    shape = (1, 4, 8, 8)
+    inputs = {
+        "initial_noise": torch.randn(shape, generator=gen, dtype=torch.float64),
+        "step_noises": torch.randn((steps,) + shape, generator=gen, dtype=torch.float64),
+        "encoder_hidden_states": torch.randn(1, 5, 12, generator=gen, dtype=torch.float64),
+    }
+    fixed = FixedNoise()
+    scheduling_lcm.randn_tensor = fixed
+
+    def run(x):
+        # LatentConsistencyModelPipeline's loop (no guidance embedding: time_cond_proj_dim is
+        # None, as for LCM-LoRA), then its decode of the last step's `denoised`.
+        scheduler.set_timesteps(steps)
+        latents = x["initial_noise"] * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            eps = unet(latents, t, encoder_hidden_states=x["encoder_hidden_states"]).sample
+            fixed.queue = [x["step_noises"][i]]
+            latents, denoised = scheduler.step(eps, t, latents, return_dict=False)
+            fixed.queue = []
+        sample = vae.decode(denoised / vae.config.scaling_factor).sample
+        return {"latents": denoised, "sample": sample}
+
+    path = os.path.join(out_dir, name)
+    os.makedirs(path, exist_ok=True)
+    config = {
+        "unet": json.loads(unet.to_json_string()),
+        "vae": json.loads(vae.to_json_string()),
+        "scheduler": json.loads(scheduler.to_json_string()),
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    # The decoder half only: the encoder takes no part in sampling.
+    weights.update({f"vae.{k}": v for k, v in vae.state_dict().items()
+                    if k.startswith(("decoder.", "post_quant_conv."))})
+    ref = (f"diffusers {diffusers.__version__} LCMScheduler.from_config(SD 1.5 scheduler config), "
+           f"{steps} steps of UNet2DConditionModel, then AutoencoderKL.decode(denoised / "
+           f"scaling_factor) (torch {torch.__version__})")
+    write_case(path, kind="lcm_sample_decode", reference=ref, weights=weights, inputs=inputs,
+               grad_inputs=["encoder_hidden_states"], run=run, options={"steps": steps})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "parity", "cases"))
+    parser.add_argument("--only", nargs="*", help="write only these cases (default: all)")
     args = parser.parse_args()
     out = os.path.normpath(args.out)
+    if args.only is None or "lcm_sample_decode" in args.only:
+        lcm_sample_decode_case(out, "lcm_sample_decode")
+    if args.only is not None and args.only != ["lcm_sample_decode"]:
+        parser.error("--only supports lcm_sample_decode alone (the other cases share one generator)")
+    if args.only is not None:
+        return
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
 

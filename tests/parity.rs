@@ -55,3 +55,24 @@ fn every_kind_has_a_case() {
         "kinds without a parity case: {missing:?}"
     );
 }
+
+/// The end-to-end LCM case also passes with UNet gradient checkpointing (the option recomputes
+/// every ResNet and transformer in backward): same numbers through all four steps.
+#[test]
+fn lcm_sample_decode_passes_with_gradient_checkpointing() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/parity/cases/lcm_sample_decode");
+    let dir = std::env::temp_dir().join(format!("lcm_sample_decode_ckpt_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    spec["options"]["gradient_checkpointing"] = serde_json::Value::Bool(true);
+    std::fs::write(dir.join("case.json"), spec.to_string()).unwrap();
+    let report = diffexplainer::parity::run_case(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    print!("{report}");
+    assert!(report.passed(), "{report}");
+}

@@ -6,6 +6,7 @@
 //! - [`ops`]: differentiable primitives (norms, softmax, attention, pools, resize) whose
 //!   backward candle's fused kernels lack.
 //! - [`weights`]: checkpoint loading (safetensors, PyTorch pickles) with precise errors.
+//! - [`pretrained`]: the Hugging Face diffusers folder layout (`unet/`, `vae/`, ...).
 //! - [`lora`]: LoRA fusion (kohya and diffusers/PEFT keys) into a checkpoint overlay.
 //! - [`models`]: the networks, named like their checkpoints: CLIP text encoder, classifiers.
 //! - [`sampling`]: schedulers (DDIM, LCM, Euler ancestral) and the differentiable sampling loop.
@@ -26,6 +27,7 @@ pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod parity;
+pub mod pretrained;
 pub mod rng;
 pub mod sampling;
 pub mod testing;

@@ -38,7 +38,7 @@
 use std::path::Path;
 
 use crate::ops::{linear, Linear};
-use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
@@ -309,6 +309,22 @@ impl ClipTextModel {
             final_layer_norm: LayerNorm::new(vb.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
             cfg: cfg.clone(),
         })
+    }
+
+    /// Loads `<dir>/text_encoder/config.json` and `<dir>/text_encoder/model[.<variant>]
+    /// .safetensors` of a diffusers model folder (see [`crate::pretrained`]), converting the
+    /// weights to `dtype` on `device`.
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        use crate::pretrained::{config_path, open_weights, TEXT_ENCODER};
+        let dir = dir.as_ref();
+        let cfg = ClipTextConfig::from_file(config_path(dir, &TEXT_ENCODER)?)?;
+        let weights = open_weights(dir, &TEXT_ENCODER, variant)?;
+        Self::new(weights.into_var_builder(dtype, device), &cfg)
     }
 
     pub fn config(&self) -> &ClipTextConfig {

@@ -25,14 +25,16 @@
 //! `to_out.0`).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::ops::Conv2d;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::unet::attention::{Attention, AttentionConfig};
 use super::unet::blocks::{conv3x3, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::unet::checkpoint::checkpoint;
 use crate::ops::{self, GroupNorm};
 
 /// The VAE's GroupNorm epsilon (hard-coded in diffusers' Encoder / Decoder).
@@ -227,14 +229,42 @@ impl VaeMidBlock {
     }
 }
 
+impl VaeMidBlock {
+    /// The forward, each ResNet and the attention checkpointed if `ckpt`.
+    fn forward_ckpt(&self, x: &Tensor, ckpt: bool) -> Result<Tensor> {
+        let mut x = run_resnet(&self.resnets[0], x, ckpt)?;
+        if let Some(attn) = &self.attention {
+            let attn = attn.clone();
+            x = maybe_checkpoint(ckpt, &x, move |x| attn.forward(x))?;
+        }
+        run_resnet(&self.resnets[1], &x, ckpt)
+    }
+}
+
 impl Module for VaeMidBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.resnets[0].forward(x, None)?;
-        if let Some(attn) = &self.attention {
-            x = attn.forward(&x)?;
-        }
-        self.resnets[1].forward(&x, None)
+        self.forward_ckpt(x, false)
     }
+}
+
+/// `f(x)`, checkpointed if `on` (backward recomputes it instead of keeping its activations; see
+/// [`checkpoint`]); only the gradient with respect to `x` flows through.
+fn maybe_checkpoint(
+    on: bool,
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !on {
+        return f(x);
+    }
+    // No second input: an untracked scalar stands in for the context.
+    let none = Tensor::zeros((), x.dtype(), x.device())?;
+    checkpoint(Arc::new(move |x, _| f(x)), x, &none)
+}
+
+fn run_resnet(r: &ResnetBlock2D, x: &Tensor, ckpt: bool) -> Result<Tensor> {
+    let r = r.clone();
+    maybe_checkpoint(ckpt, x, move |x| r.forward(x, None))
 }
 
 fn resnet_cfg(in_channels: usize, out_channels: usize, groups: usize) -> ResnetConfig {
@@ -273,19 +303,28 @@ impl VaeBlock {
     }
 }
 
-impl Module for VaeBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl VaeBlock {
+    /// The forward, each ResNet and the resampler checkpointed if `ckpt`.
+    fn forward_ckpt(&self, x: &Tensor, ckpt: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for resnet in &self.resnets {
-            x = resnet.forward(&x, None)?;
+            x = run_resnet(resnet, &x, ckpt)?;
         }
         if let Some(down) = &self.downsampler {
-            x = down.forward(&x)?;
+            let down = down.clone();
+            x = maybe_checkpoint(ckpt, &x, move |x| down.forward(x))?;
         }
         if let Some(up) = &self.upsampler {
-            x = up.forward(&x)?;
+            let up = up.clone();
+            x = maybe_checkpoint(ckpt, &x, move |x| up.forward(x))?;
         }
         Ok(x)
+    }
+}
+
+impl Module for VaeBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_ckpt(x, false)
     }
 }
 
@@ -297,6 +336,9 @@ pub struct Decoder {
     pub up_blocks: Vec<VaeBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
+    /// Recompute each ResNet, the attention, each upsampler and the output head during backward
+    /// (see [`AutoencoderKL::set_gradient_checkpointing`]).
+    pub checkpoint: bool,
 }
 
 impl Decoder {
@@ -329,18 +371,24 @@ impl Decoder {
             up_blocks,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), g, boc[0], EPS)?,
             conv_out: conv3x3(vb.pp("conv_out"), boc[0], cfg.out_channels)?,
+            checkpoint: false,
         })
     }
 }
 
 impl Module for Decoder {
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let mut x = self.mid_block.forward(&self.conv_in.forward(z)?)?;
+        let ckpt = self.checkpoint;
+        let mut x = self
+            .mid_block
+            .forward_ckpt(&self.conv_in.forward(z)?, ckpt)?;
         for block in &self.up_blocks {
-            x = block.forward(&x)?;
+            x = block.forward_ckpt(&x, ckpt)?;
         }
-        self.conv_out
-            .forward(&ops::silu(&self.conv_norm_out.forward(&x)?)?)
+        let (norm, conv) = (self.conv_norm_out.clone(), self.conv_out.clone());
+        maybe_checkpoint(ckpt, &x, move |x| {
+            conv.forward(&ops::silu(&norm.forward(x)?)?)
+        })
     }
 }
 
@@ -439,6 +487,51 @@ impl AutoencoderKL {
                 .then(|| conv1x1(vb.pp("post_quant_conv"), config.latent_channels))
                 .transpose()?,
         })
+    }
+
+    /// Loads encoder and decoder from `<dir>/vae/config.json` and
+    /// `<dir>/vae/diffusion_pytorch_model[.<variant>].safetensors` of a diffusers model folder
+    /// (see [`crate::pretrained`]), converting the weights to `dtype` on `device`.
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (vb, cfg) = Self::pretrained_parts(dir.as_ref(), variant, dtype, device)?;
+        Self::new(vb, &cfg)
+    }
+
+    /// As [`Self::from_pretrained`], the decoder half only (the encoder's weights are not read).
+    pub fn decoder_only_from_pretrained(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (vb, cfg) = Self::pretrained_parts(dir.as_ref(), variant, dtype, device)?;
+        Self::decoder_only(vb, &cfg)
+    }
+
+    fn pretrained_parts(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, AutoencoderKLConfig)> {
+        use crate::pretrained::{config_path, open_weights, VAE};
+        let cfg = AutoencoderKLConfig::from_file(config_path(dir, &VAE)?)?;
+        let vb = open_weights(dir, &VAE, variant)?.into_var_builder(dtype, device);
+        Ok((vb, cfg))
+    }
+
+    /// Turns gradient checkpointing of the decoder on or off (off by default). On: backward
+    /// recomputes each ResNet, the mid-block attention, each upsampler and the output head
+    /// instead of keeping their activations (at 512x512 the decoder's activations dominate the
+    /// memory of a backward pass); values and the gradient with respect to the latents are
+    /// unchanged, parameter gradients are not computed.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.decoder.checkpoint = on;
     }
 
     /// diffusers' `vae.decode(z).sample`: unscaled latents `[b, latent_channels, h, w]` to an

@@ -12,6 +12,7 @@ use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::ops;
+use crate::sampling::{self, LcmScheduler, SamplerOptions, SchedulerConfig};
 
 pub type Outputs = HashMap<String, Tensor>;
 pub type Runner = fn(&CaseInputs) -> anyhow::Result<Outputs>;
@@ -41,6 +42,7 @@ pub const KINDS: &[(&str, Runner)] = &[
     ("unet2d_condition", unet2d_condition),
     ("vae_decoder", vae_decoder),
     ("vae_encoder", vae_encoder),
+    ("lcm_sample_decode", lcm_sample_decode),
 ];
 
 pub fn runner(kind: &str) -> Option<Runner> {
@@ -179,6 +181,46 @@ fn vae_encoder(case: &CaseInputs) -> anyhow::Result<Outputs> {
     let vae = AutoencoderKL::new(case.weights()?, &cfg)?;
     let y = vae.encode(case.input("image")?)?;
     Ok(HashMap::from([("latent_mean".to_string(), y)]))
+}
+
+/// `config.json` of `lcm_sample_decode`: the three diffusers configs side by side.
+#[derive(Deserialize)]
+struct LcmSampleDecodeConfig {
+    unet: UNet2DConditionConfig,
+    vae: AutoencoderKLConfig,
+    /// Read as `LCMScheduler.from_config` reads it, whatever its `_class_name`.
+    scheduler: SchedulerConfig,
+}
+
+/// A whole DiffExplainer forward: `options.steps` LCM steps of the UNet from `initial_noise`
+/// with the fixed `step_noises` ([steps, b, c, h, w]), then the VAE decoder on
+/// `latents / scaling_factor`. Outputs `latents` (the last step's denoised latents) and `sample`
+/// (the raw decode, before `/ 2 + 0.5` and the clamp). With `options.gradient_checkpointing`
+/// the UNet recomputes its blocks in backward (same numbers, less memory).
+fn lcm_sample_decode(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg: LcmSampleDecodeConfig = case.config()?;
+    let vb = case.weights()?;
+    let mut unet = UNet2DConditionModel::new(vb.pp("unet"), &cfg.unet)?;
+    unet.set_gradient_checkpointing(case.option("gradient_checkpointing")?.unwrap_or(false));
+    let vae = AutoencoderKL::decoder_only(vb.pp("vae"), &cfg.vae)?;
+    let mut scheduler = LcmScheduler::new(&cfg.scheduler)?;
+    let steps: usize = required(case, "steps")?;
+    let noises = case.input("step_noises")?;
+    let step_noises = (0..noises.dim(0)?)
+        .map(|i| noises.get(i))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let out = sampling::sample(
+        &mut scheduler,
+        |x, t, c| unet.forward(x, t, c),
+        case.input("initial_noise")?,
+        case.input("encoder_hidden_states")?,
+        &SamplerOptions::new(steps).with_step_noises(step_noises),
+    )?;
+    let sample = vae.decode(&vae.unscale_latents(&out.latents)?)?;
+    Ok(HashMap::from([
+        ("latents".to_string(), out.latents),
+        ("sample".to_string(), sample),
+    ]))
 }
 
 fn required<T: serde::de::DeserializeOwned>(case: &CaseInputs, name: &str) -> anyhow::Result<T> {

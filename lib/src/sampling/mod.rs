@@ -24,6 +24,8 @@ pub use euler_ancestral::{EulerAncestralCoefficients, EulerAncestralScheduler};
 pub use lcm::{LcmCoefficients, LcmScheduler};
 pub use sampler::{sample, SampleOutput, SamplerOptions};
 
+use std::path::Path;
+
 use candle_core::{bail, Result, Tensor};
 
 /// A diffusion scheduler: the schedule of timesteps and the update between them.
@@ -118,4 +120,47 @@ impl<S: Scheduler + ?Sized> Scheduler for Box<S> {
     ) -> Result<Tensor> {
         (**self).step(model_output, step_index, sample, noise)
     }
+}
+
+impl SchedulerConfig {
+    /// Reads `<dir>/scheduler/scheduler_config.json` of a diffusers model folder.
+    pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_file(crate::pretrained::config_path(
+            dir,
+            &crate::pretrained::SCHEDULER,
+        )?)
+    }
+}
+
+/// The scheduler of a diffusers model folder: `kind` built from
+/// `<dir>/scheduler/scheduler_config.json` (as diffusers' `Kind.from_config(config)`), or, with
+/// `kind = None`, the class the file names (`_class_name`). SD 1.5 ships a `PNDMScheduler`
+/// config, which is not implemented: pass the kind to run (e.g. [`SchedulerKind::Lcm`] for
+/// LCM-LoRA).
+pub fn scheduler_from_pretrained(
+    dir: impl AsRef<Path>,
+    kind: Option<SchedulerKind>,
+) -> Result<Box<dyn Scheduler + Send + Sync>> {
+    let dir = dir.as_ref();
+    let config = SchedulerConfig::from_pretrained(dir)?;
+    let kind = match kind {
+        Some(k) => k,
+        None => {
+            let path = dir.join("scheduler/scheduler_config.json");
+            let Some(class) = config.class_name.as_deref() else {
+                bail!(
+                    "{}: no `_class_name`; name the scheduler kind to build",
+                    path.display()
+                )
+            };
+            SchedulerKind::from_class_name(class).map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "{}: {e}; name the scheduler kind to build instead (any of them reads \
+                     this config)",
+                    path.display()
+                ))
+            })?
+        }
+    };
+    kind.build(&config)
 }

@@ -21,7 +21,7 @@ pub mod embeddings;
 use std::path::Path;
 
 use crate::ops::Conv2d;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -420,6 +420,23 @@ impl UNet2DConditionModel {
                 cfg.conv_out_kernel,
             )?,
         })
+    }
+
+    /// Loads `<dir>/unet/config.json` and `<dir>/unet/diffusion_pytorch_model[.<variant>]
+    /// .safetensors` (or sharded / `.bin`, see [`crate::pretrained`]) from a diffusers model
+    /// folder, converting the weights to `dtype` on `device`. To change the weights first (LoRA
+    /// fusion), use [`crate::pretrained::open_weights`] and [`Self::new`].
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        use crate::pretrained::{config_path, open_weights, UNET};
+        let dir = dir.as_ref();
+        let cfg = UNet2DConditionConfig::from_file(config_path(dir, &UNET)?)?;
+        let weights = open_weights(dir, &UNET, variant)?;
+        Self::new(weights.into_var_builder(dtype, device), &cfg)
     }
 
     /// Turns gradient checkpointing of every ResNet and spatial transformer on or off (off by
