@@ -505,13 +505,11 @@ fn load_diffusers_dir(
     device: &Device,
     lora: Option<&(PathBuf, f64)>,
 ) -> anyhow::Result<Diffusion> {
-    let need = |rel: &str| need_file(dir, rel);
-    let weights = |sub: &str, stem: &str| weights_file(dir, sub, stem);
+    use crate::pretrained::{config_path, SCHEDULER, UNET, VAE};
     let (tokenizer, text_encoder) = load_text_dir(dir, dtype, device)?;
 
-    let unet_cfg = UNet2DConditionConfig::from_file(need("unet/config.json")?)?;
-    let mut unet_ckpt =
-        crate::weights::Checkpoint::open(weights("unet", "diffusion_pytorch_model")?)?;
+    let unet_cfg = UNet2DConditionConfig::from_file(config_path(dir, &UNET)?)?;
+    let mut unet_ckpt = open_component_weights(dir, &UNET)?;
     if let Some((path, scale)) = lora {
         let (fused, report) = Lora::open(path)?.fuse_into(unet_ckpt, LoraTarget::UNET, *scale)?;
         if report.fused.is_empty() {
@@ -524,11 +522,10 @@ fn load_diffusers_dir(
     }
     let unet = UNet2DConditionModel::new(unet_ckpt.into_var_builder(dtype, device), &unet_cfg)?;
 
-    let vae_cfg = AutoencoderKLConfig::from_file(need("vae/config.json")?)?;
-    let vae_vb = crate::weights::Checkpoint::open(weights("vae", "diffusion_pytorch_model")?)?
-        .into_var_builder(dtype, device);
+    let vae_cfg = AutoencoderKLConfig::from_file(config_path(dir, &VAE)?)?;
+    let vae_vb = open_component_weights(dir, &VAE)?.into_var_builder(dtype, device);
     let vae = AutoencoderKL::decoder_only(vae_vb, &vae_cfg)?;
-    let scheduler_config = SchedulerConfig::from_file(need("scheduler/scheduler_config.json")?)?;
+    let scheduler_config = SchedulerConfig::from_file(config_path(dir, &SCHEDULER)?)?;
     Ok(Diffusion {
         tokenizer,
         text_encoder,
@@ -554,21 +551,18 @@ fn need_file(dir: &Path, rel: &str) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// `sub/stem.safetensors`, else its `.fp16` variant.
-fn weights_file(dir: &Path, sub: &str, stem: &str) -> anyhow::Result<PathBuf> {
-    for name in [
-        format!("{stem}.safetensors"),
-        format!("{stem}.fp16.safetensors"),
-    ] {
-        let path = dir.join(sub).join(&name);
-        if path.is_file() {
-            return Ok(path);
+/// A component's weights: the plain files, else the `fp16` variant (repositories often ship
+/// only one of them). The error is the plain lookup's, which names the files tried and found.
+fn open_component_weights(
+    dir: &Path,
+    c: &crate::pretrained::Component,
+) -> anyhow::Result<crate::weights::Checkpoint> {
+    match crate::pretrained::open_weights(dir, c, None) {
+        Ok(checkpoint) => Ok(checkpoint),
+        Err(plain) => {
+            crate::pretrained::open_weights(dir, c, Some("fp16")).map_err(|_| plain.into())
         }
     }
-    anyhow::bail!(
-        "{}: no weights in {sub}/ (expected {stem}.safetensors or {stem}.fp16.safetensors)",
-        dir.display()
-    )
 }
 
 /// The tokenizer and text encoder of a diffusers folder.
@@ -578,9 +572,9 @@ fn load_text_dir(
     device: &Device,
 ) -> anyhow::Result<(ClipTokenizer, ClipTextModel)> {
     let tokenizer = ClipTokenizer::from_pretrained_dir(need_file(dir, "tokenizer")?)?;
-    let text_cfg = ClipTextConfig::from_file(need_file(dir, "text_encoder/config.json")?)?;
-    let text_vb = crate::weights::Checkpoint::open(weights_file(dir, "text_encoder", "model")?)?
-        .into_var_builder(dtype, device);
+    let text_encoder = crate::pretrained::TEXT_ENCODER;
+    let text_cfg = ClipTextConfig::from_file(crate::pretrained::config_path(dir, &text_encoder)?)?;
+    let text_vb = open_component_weights(dir, &text_encoder)?.into_var_builder(dtype, device);
     Ok((tokenizer, ClipTextModel::new(text_vb, &text_cfg)?))
 }
 
