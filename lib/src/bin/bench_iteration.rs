@@ -84,7 +84,17 @@ fn main() -> anyhow::Result<()> {
     device.synchronize()?;
     let build_s = build.elapsed().as_secs_f64();
 
+    // Phase times of the last iteration (device synchronized at each boundary).
+    let mut phases: Vec<(&str, f64)> = Vec::new();
     let mut iteration = || -> anyhow::Result<f64> {
+        phases.clear();
+        let mut mark = Instant::now();
+        let mut phase = |name: &'static str, phases: &mut Vec<(&str, f64)>| -> anyhow::Result<()> {
+            device.synchronize()?;
+            phases.push((name, mark.elapsed().as_secs_f64() * 1e3));
+            mark = Instant::now();
+            Ok(())
+        };
         let cond = Var::from_tensor(&cond0)?;
         let latents = sample(
             &mut scheduler,
@@ -94,9 +104,13 @@ fn main() -> anyhow::Result<()> {
             &options,
         )?
         .latents;
+        phase("unet_forward_4_steps", &mut phases)?;
         let image = vae.decode_to_image(&latents)?;
+        phase("vae_decode_forward", &mut phases)?;
         let logits = classifier.forward(&preprocess.forward(&image)?)?.logits;
+        phase("resize_classifier_forward", &mut phases)?;
         let grads = logits.narrow(1, 207, 1)?.sum_all()?.backward()?;
+        phase("backward_all", &mut phases)?;
         let grad = grads
             .get(cond.as_tensor())
             .ok_or_else(|| anyhow::anyhow!("no gradient reached the conditioning"))?;
@@ -118,6 +132,11 @@ fn main() -> anyhow::Result<()> {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
+    drop(iteration);
+    let phase_ms: serde_json::Map<String, serde_json::Value> = phases
+        .iter()
+        .map(|(n, ms)| (n.to_string(), serde_json::json!((ms * 10.0).round() / 10.0)))
+        .collect();
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
@@ -127,6 +146,7 @@ fn main() -> anyhow::Result<()> {
             "latent": latent, "checkpointing": checkpointing, "ms_median": median,
             "ms_all": times.iter().map(|t| (t * 100.0).round() / 100.0).collect::<Vec<_>>(),
             "build_s": build_s, "grad_norm": grad_norm,
+            "last_iteration_phases_ms": phase_ms,
         })
     );
     Ok(())
