@@ -42,7 +42,7 @@ for dt in ${DTYPES:-f16 f32 bf16}; do
   measure ours_$dt ${OURS_LIMIT:-150} bash bench/cuda-libs.sh $bin/bench_iteration --device cuda --dtype $dt --iters ${ITERS:-3} --warmup 1
   [ -n "${SKIP_TORCH:-}" ] || measure torch_$dt 120 python3 bench/torch_iteration.py --dtypes $tdt --iters 5 --warmup 2
 done
-measure ours_f16_ckpt ${OURS_LIMIT:-150} bash bench/cuda-libs.sh $bin/bench_iteration --device cuda --dtype f16 --iters ${ITERS:-3} --warmup 1 --checkpointing
+[ -n "${SKIP_CKPT:-}" ] || measure ours_f16_ckpt ${OURS_LIMIT:-150} bash bench/cuda-libs.sh $bin/bench_iteration --device cuda --dtype f16 --iters ${ITERS:-3} --warmup 1 --checkpointing
 # Keep what comes back within the file limit: the raw memory samples are summarized above.
 rm -f $OUT/mem_*.txt
 echo "== summary"; cat $OUT/summary.jsonl
