@@ -4,11 +4,14 @@
 //!
 //! Layers, each depending only on those above it:
 //! - [`ops`]: differentiable primitives (norms, softmax, attention, pools, resize) whose
-//!   backward candle's fused kernels lack.
+//!   backward candle's fused kernels lack; linear/conv layers that compute only the input
+//!   gradient for frozen weights ([`ops::frozen`]); memory-efficient attention.
+//! - [`rng`], [`io`]: device-independent seeded noise; atomic file writes.
 //! - [`weights`]: checkpoint loading (safetensors, PyTorch pickles) with precise errors.
 //! - [`pretrained`]: the Hugging Face diffusers folder layout (`unet/`, `vae/`, ...).
 //! - [`lora`]: LoRA fusion (kohya and diffusers/PEFT keys) into a checkpoint overlay.
-//! - [`models`]: the networks, named like their checkpoints: CLIP text encoder, classifiers.
+//! - [`models`]: the networks, named like their checkpoints: CLIP text encoder, classifiers
+//!   (ResNet, VGG, ViT), UNet, VAE.
 //! - [`sampling`]: schedulers (DDIM, LCM, Euler ancestral) and the differentiable sampling loop.
 //! - [`tokenizer`]: CLIP's BPE tokenizer (prompt text -> 77 token ids), with OpenAI's vocabulary
 //!   compiled in.
@@ -16,7 +19,7 @@
 //!   folders, the local Hugging Face cache, presets, an embedded tiny default), the
 //!   differentiable pipeline, the optimization loop, nearest-token explanations, run records.
 //! - [`parity`]: data-driven parity cases against the reference libraries.
-//! - [`testing`]: finite-difference gradient checks.
+//! - [`testing`]: finite-difference gradient checks, random weights for tests and benchmarks.
 //! - [`display`]: rich notebook output (images, tables, live progress) and interrupt polling,
 //!   as a plain-text marker protocol any Jupyter kernel can read.
 
