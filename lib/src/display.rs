@@ -313,7 +313,7 @@ pub fn image(tensor: &Tensor) -> candle_core::Result<Display> {
         .text(format!("<image {w}x{h}, {c} channel(s)>")))
 }
 
-/// A grid of same-sized images (each as in [`image`], or a batch (N, C, H, W) passed as one
+/// A grid of same-sized images (each as in [`image()`], or a batch (N, C, H, W) passed as one
 /// element per image), `cols` per row, separated by `pad` white pixels.
 pub fn image_grid(tensors: &[Tensor], cols: usize, pad: usize) -> candle_core::Result<Display> {
     let mut images = Vec::new();

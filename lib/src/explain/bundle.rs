@@ -20,8 +20,9 @@
 //! `robust-resnet50`, each loaded from a user-supplied checkpoint (or torchvision's file name in
 //! the torch hub cache).
 //!
-//! The folder loading here is deliberately small (one function per component); when the
-//! models gain their own `from_pretrained` constructors, [`load_diffusers_dir`] should call them.
+//! Folders are read through [`crate::pretrained`] (configs, single or sharded weights, `.bin`),
+//! taking the plain weights or else the `fp16` variant; the UNet's weights are opened before the
+//! model is built so that a LoRA can be fused into them.
 
 use std::path::{Path, PathBuf};
 

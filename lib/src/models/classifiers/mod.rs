@@ -280,7 +280,7 @@ impl Classifier {
 }
 
 /// Opens a classifier checkpoint and finds where its weights sit: which top-level entry of a
-/// pickle (the file itself, `model` or `state_dict`) and which key prefix (see [`PREFIXES`])
+/// pickle (the file itself, `model` or `state_dict`) and which key prefix (see `PREFIXES`)
 /// holds `probe` (e.g. `fc.weight`). The Salient ImageNet robust ResNet-50
 /// (`imagenet_l2_3_0.pt`) resolves to entry `model`, prefix `module.model.`. Also returns the
 /// input normalization the checkpoint declares beside the model, if any
