@@ -107,52 +107,8 @@ pub fn check_gradient(
     })
 }
 
-/// A `VarBuilder` whose every parameter is made on request, with no checkpoint behind it:
-/// benchmarks build SD-sized models with it (the SD 1.5 UNet is 3.4 GB in f32) without
-/// allocating a file or a second copy. Values: `N(0, 1/fan_in)` from candle's unseeded generator
-/// for matrices and kernels; for vectors requested without an init hint (`vb.get`, as norms
-/// ask), 1 for `weight` / `running_var` and 0 otherwise; an explicit non-zero `Init::Const` is
-/// honoured. Speed does not depend on the values; they only keep activations non-degenerate.
-/// No name is "contained", so constructors that probe for legacy names take the current ones.
+/// A `VarBuilder` that makes up every tensor it is asked for (seed 0): SD-sized random models
+/// for tests and benchmarks without a checkpoint file. See [`crate::weights::RandomWeights`].
 pub fn random_var_builder(dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
-    candle_nn::VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
-}
-
-struct RandomWeights;
-
-impl candle_nn::var_builder::SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        shape: candle_core::Shape,
-        name: &str,
-        init: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Tensor> {
-        let dims = shape.dims();
-        let t = match (init, dims) {
-            (candle_nn::Init::Const(v), _) if v != 0.0 => Tensor::full(v as f32, dims, dev)?,
-            (candle_nn::Init::Const(_), [_]) => {
-                let one = name.ends_with("weight") || name.ends_with("running_var");
-                Tensor::full(if one { 1f32 } else { 0.0 }, dims, dev)?
-            }
-            _ => {
-                let fan_in = match dims {
-                    [] => 1,
-                    [n] => *n,
-                    [n, ..] => shape.elem_count() / n,
-                };
-                Tensor::randn(0f32, 1.0 / (fan_in.max(1) as f32).sqrt(), dims, dev)?
-            }
-        };
-        t.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        candle_core::bail!("random_var_builder: `{name}` requested without a shape")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        false
-    }
+    crate::weights::RandomWeights::new(0).into_var_builder(dtype, device)
 }

@@ -13,6 +13,8 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
+use crate::rng::SeededRng;
+
 /// Where tensors come from: memory-mapped safetensors files, or tensors already in memory.
 enum Store {
     Mmap(MmapedSafetensors),
@@ -233,13 +235,13 @@ impl SimpleBackend for Checkpoint {
     }
 }
 
-/// A weight source that invents every tensor it is asked for: seeded random values of the
-/// requested shape, drawn on the device. For benchmarks and embedded tiny models, where the
-/// architecture matters and the values do not (timing does not depend on them), but zeros
-/// would make attention uniform and gradients vanish.
-///
-/// Values: matrices and kernels `N(0, 1/fan_in)`; 1-D `weight`s (norm scales) near 1;
-/// `running_var` near 1 (positive); other 1-D tensors (biases, means) small.
+/// A weight source that makes up every tensor from its name and a seed: the same name and seed
+/// give the same values on every machine (drawn on the CPU with [`crate::rng::SeededRng`], then
+/// moved to the device). For benchmarks (timing does not depend on the values) and the embedded
+/// tiny models; zeros would make attention uniform and gradients vanish. Scales keep activations moderate: matrices and
+/// kernels `N(0, 1/fan_in)`, norm scales `1 + N(0, 0.1²)`, biases `N(0, 0.05²)`, BatchNorm
+/// statistics 0 / 1. The tensors are plain (not `Var`s), so backward computes no weight
+/// gradients.
 pub struct RandomWeights {
     seed: u64,
 }
@@ -249,46 +251,65 @@ impl RandomWeights {
         Self { seed }
     }
 
-    /// A `VarBuilder` whose every `get` returns a fresh random tensor (the same name always
-    /// gives the same values).
+    /// A `VarBuilder` whose every `get` makes the tensor up (the same name and seed always
+    /// give the same values). Nothing is reported as stored, so constructors that probe for
+    /// legacy names take the current ones.
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
-    fn make(&self, shape: &Shape, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        // Name-derived seed: deterministic whatever order the model asks in.
-        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    fn values(&self, name: &str, dims: &[usize]) -> Vec<f32> {
+        let n: usize = dims.iter().product();
+        // FNV-1a of the name, mixed with the seed.
+        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
         });
-        let mut rng = crate::rng::SeededRng::new(self.seed ^ name_hash);
-        let dims = shape.dims();
-        let noise = Tensor::from_vec(
-            rng.normal_vec(shape.elem_count()),
-            shape.clone(),
-            &Device::Cpu,
-        )?;
-        let t = if dims.len() >= 2 {
+        let mut rng = SeededRng::new(hash ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let (mean, std) = if name.ends_with("running_var") {
+            (1.0, 0.0)
+        } else if name.ends_with("running_mean") || name.ends_with("num_batches_tracked") {
+            (0.0, 0.0)
+        } else if name.ends_with("bias") {
+            (0.0, 0.05)
+        } else if name.ends_with("weight") && dims.len() == 1 {
+            (1.0, 0.1)
+        } else if name.ends_with("weight") {
             let fan_in: usize = dims[1..].iter().product();
-            (noise / (fan_in as f64).sqrt())?
-        } else if name.ends_with("running_var") || name.ends_with("weight") {
-            ((noise * 0.1)? + 1.0)?.abs()?
+            (0.0, 1.0 / (fan_in.max(1) as f32).sqrt())
         } else {
-            (noise * 0.1)?
+            (0.0, 0.1)
         };
-        t.to_dtype(dtype)?.to_device(dev)
+        if std == 0.0 {
+            return vec![mean; n];
+        }
+        rng.normal_vec(n)
+            .into_iter()
+            .map(|v| mean + std * v)
+            .collect()
     }
 }
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        self.make(&shape, name, dtype, dev)
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let values = self.values(name, shape.dims());
+        Tensor::from_vec(values, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)
     }
 
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        candle_core::bail!("RandomWeights cannot invent `{name}` without a shape")
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("seeded weights: `{name}` has no shape to make it up from")
     }
 
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
+    fn contains_tensor(&self, _name: &str) -> bool {
+        // Report nothing stored, so the models take their default (modern) naming.
+        false
     }
 }

@@ -38,7 +38,6 @@ use crate::models::classifiers::{Classifier, ClassifierConfig, Preprocess};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::rng::SeededRng;
 use crate::sampling::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 
@@ -675,80 +674,9 @@ fn resolve_lora(lora: Option<&LoraSpec>) -> anyhow::Result<Option<(PathBuf, f64)
 // ---------------------------------------------------------------------------------------------
 // The embedded tiny default.
 
-/// A weight source that makes up every tensor from its name and a seed: the same name and seed
-/// give the same values on every machine. Scales keep activations moderate: matrices and
-/// kernels `N(0, 1/fan_in)`, norm scales `1 + N(0, 0.1²)`, biases `N(0, 0.05²)`, BatchNorm
-/// statistics 0 / 1. The tensors are plain (not `Var`s), so backward computes no weight
-/// gradients.
-struct SeededWeights {
-    seed: u64,
-}
-
-impl SeededWeights {
-    fn values(&self, name: &str, dims: &[usize]) -> Vec<f32> {
-        let n: usize = dims.iter().product();
-        // FNV-1a of the name, mixed with the seed.
-        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
-        let mut rng = SeededRng::new(hash ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let (mean, std) = if name.ends_with("running_var") {
-            (1.0, 0.0)
-        } else if name.ends_with("running_mean") || name.ends_with("num_batches_tracked") {
-            (0.0, 0.0)
-        } else if name.ends_with("bias") {
-            (0.0, 0.05)
-        } else if name.ends_with("weight") && dims.len() == 1 {
-            (1.0, 0.1)
-        } else if name.ends_with("weight") {
-            let fan_in: usize = dims[1..].iter().product();
-            (0.0, 1.0 / (fan_in.max(1) as f32).sqrt())
-        } else {
-            (0.0, 0.1)
-        };
-        if std == 0.0 {
-            return vec![mean; n];
-        }
-        rng.normal_vec(n)
-            .into_iter()
-            .map(|v| mean + std * v)
-            .collect()
-    }
-}
-
-impl SimpleBackend for SeededWeights {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let values = self.values(name, shape.dims());
-        Tensor::from_vec(values, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("seeded weights: `{name}` has no shape to make it up from")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        // Report nothing stored, so the models take their default (modern) naming.
-        false
-    }
-}
-
 fn seeded_vb(seed: u64, component: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(
-        Box::new(SeededWeights {
-            seed: seed.wrapping_mul(31).wrapping_add(component),
-        }),
-        dtype,
-        device.clone(),
-    )
+    crate::weights::RandomWeights::new(seed.wrapping_mul(31).wrapping_add(component))
+        .into_var_builder(dtype, device)
 }
 
 /// Tiny configurations of the embedded default (SD-1.x-shaped, a few thousand parameters each
@@ -829,9 +757,9 @@ pub fn write_tiny_diffusers_folder(seed: u64, dir: &Path) -> anyhow::Result<()> 
     let record = |component: u64, build: &dyn Fn(VarBuilder) -> candle_core::Result<()>| {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let backend = Recording {
-            inner: SeededWeights {
-                seed: seed.wrapping_mul(31).wrapping_add(component),
-            },
+            inner: crate::weights::RandomWeights::new(
+                seed.wrapping_mul(31).wrapping_add(component),
+            ),
             seen: seen.clone(),
         };
         build(VarBuilder::from_backend(
@@ -869,9 +797,9 @@ pub fn write_tiny_diffusers_folder(seed: u64, dir: &Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// [`SeededWeights`] that remembers what it made (to save it).
+/// [`crate::weights::RandomWeights`] that remembers what it made (to save it).
 struct Recording {
-    inner: SeededWeights,
+    inner: crate::weights::RandomWeights,
     seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Tensor>>>,
 }
 
