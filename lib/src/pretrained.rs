@@ -200,3 +200,17 @@ pub fn open_weights(
         Checkpoint::open_safetensors(&files)
     }
 }
+
+/// Reads a JSON config file and builds `T` from its value with `build` (parse, then check);
+/// every error, reading included, is prefixed with the file's path.
+pub fn read_config<T>(
+    path: impl AsRef<Path>,
+    build: impl FnOnce(serde_json::Value) -> Result<T>,
+) -> Result<T> {
+    let path = path.as_ref();
+    let at =
+        |e: &dyn std::fmt::Display| candle_core::Error::Msg(format!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| at(&e))?;
+    build(value).map_err(|e| at(&e))
+}

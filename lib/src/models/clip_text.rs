@@ -165,13 +165,7 @@ impl ClipTextConfig {
 
     /// Reads a `config.json` (an SD repository's `text_encoder/config.json`, or a CLIP model's).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        Self::from_value(value)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+        crate::pretrained::read_config(path, Self::from_value)
     }
 
     pub fn head_dim(&self) -> usize {

@@ -110,18 +110,13 @@ fn default_true() -> bool {
 impl AutoencoderKLConfig {
     /// Reads and checks `vae/config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "{}: not an AutoencoderKL config: {e}",
-                path.display()
-            ))
-        })?;
-        cfg.check()
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        Ok(cfg)
+        crate::pretrained::read_config(path, |value| {
+            let cfg: Self = serde_json::from_value(value).map_err(|e| {
+                candle_core::Error::Msg(format!("not an AutoencoderKL config: {e}"))
+            })?;
+            cfg.check()?;
+            Ok(cfg)
+        })
     }
 
     /// Refuses block types and options this implementation does not have.

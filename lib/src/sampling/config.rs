@@ -50,11 +50,10 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     /// Reads a `scheduler_config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        Self::from_json(&text)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+        crate::pretrained::read_config(path, |value| {
+            serde_json::from_value(value)
+                .map_err(|e| candle_core::Error::Msg(format!("invalid scheduler config: {e}")))
+        })
     }
 
     /// Parses the JSON text of a `scheduler_config.json`.

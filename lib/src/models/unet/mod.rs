@@ -201,18 +201,13 @@ const REFUSED_FEATURES: &[(&str, &str)] = &[
 impl UNet2DConditionConfig {
     /// Reads and checks `unet/config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "{}: not a UNet2DConditionModel config: {e}",
-                path.display()
-            ))
-        })?;
-        cfg.check()
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        Ok(cfg)
+        crate::pretrained::read_config(path, |value| {
+            let cfg: Self = serde_json::from_value(value).map_err(|e| {
+                candle_core::Error::Msg(format!("not a UNet2DConditionModel config: {e}"))
+            })?;
+            cfg.check()?;
+            Ok(cfg)
+        })
     }
 
     /// Refuses any configuration outside the SD 1.x / 2.x family, naming the feature.
