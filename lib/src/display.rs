@@ -178,9 +178,34 @@ impl DisplayHandle {
 pub struct Progress {
     handle: Option<DisplayHandle>,
     title: String,
+    rate: RateLimit,
+    pending: Option<Vec<(String, String)>>,
+}
+
+/// At most one render per interval; the first is always due. Shared by [`Progress`] and the
+/// explainer's live view, so a display never floods the notebook (each update resends the
+/// whole output).
+#[derive(Debug, Clone)]
+pub struct RateLimit {
     min_interval: Duration,
     last: Option<Instant>,
-    pending: Option<Vec<(String, String)>>,
+}
+
+impl RateLimit {
+    pub fn per_second(max_per_second: f64) -> Self {
+        Self {
+            min_interval: Duration::from_secs_f64(1.0 / max_per_second.max(1e-3)),
+            last: None,
+        }
+    }
+    /// Whether a render now would respect the limit.
+    pub fn due(&self) -> bool {
+        self.last.is_none_or(|t| t.elapsed() >= self.min_interval)
+    }
+    /// Records that a render happened now.
+    pub fn mark(&mut self) {
+        self.last = Some(Instant::now());
+    }
 }
 
 impl Progress {
@@ -191,8 +216,7 @@ impl Progress {
         Self {
             handle: None,
             title: title.into(),
-            min_interval: Duration::from_secs_f64(1.0 / max_per_second.max(1e-3)),
-            last: None,
+            rate: RateLimit::per_second(max_per_second),
             pending: None,
         }
     }
@@ -203,7 +227,7 @@ impl Progress {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
-        let due = self.last.is_none_or(|t| t.elapsed() >= self.min_interval);
+        let due = self.rate.due();
         if due {
             self.render(&fields, false);
             self.pending = None;
@@ -248,7 +272,7 @@ impl Progress {
             Some(handle) => handle.update(&display),
             None => self.handle = Some(show_updatable(&display)),
         }
-        self.last = Some(Instant::now());
+        self.rate.mark();
     }
 }
 
@@ -307,7 +331,7 @@ pub fn install_kernel_panic_hook() {
 /// [0, 1] (clamped). Renders as PNG with a text fallback.
 pub fn image(tensor: &Tensor) -> candle_core::Result<Display> {
     let (c, h, w, pixels) = tensor_to_hwc_u8(tensor)?;
-    let png = encode_png(w, h, c, &pixels);
+    let png = encode_png(w, h, c, &pixels)?;
     Ok(Display::new()
         .png(&png)
         .text(format!("<image {w}x{h}, {c} channel(s)>")))
@@ -341,7 +365,7 @@ pub fn image_grid(tensors: &[Tensor], cols: usize, pad: usize) -> candle_core::R
             }
         }
     }
-    let png = encode_png(gw, gh, 3, &grid);
+    let png = encode_png(gw, gh, 3, &grid)?;
     Ok(Display::new().png(&png).text(format!(
         "<image grid {} images, {rows}x{cols}>",
         images.len()
@@ -427,106 +451,42 @@ fn tensor_to_hwc_u8(t: &Tensor) -> candle_core::Result<(usize, usize, usize, Vec
 }
 
 // ---------------------------------------------------------------------------------------------
-// Encoders (no dependencies): PNG with stored deflate blocks, base64.
+// Encoders: PNG through the `image` crate (fast deflate: live updates resend the image several
+// times a second, so size matters more than the last few percent of compression), base64.
 
 /// Encodes 8-bit pixels (`channels` = 1 gray, 3 RGB, 4 RGBA; row-major HWC) as a PNG file.
-/// Uncompressed (stored deflate blocks): larger files, but no codec dependency.
-pub fn encode_png(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Vec<u8> {
-    assert_eq!(
-        pixels.len(),
-        width * height * channels,
-        "encode_png: pixel buffer size"
-    );
-    let color_type = match channels {
-        1 => 0u8,
-        3 => 2,
-        4 => 6,
-        _ => panic!("encode_png: channels must be 1, 3 or 4"),
+pub fn encode_png(
+    width: usize,
+    height: usize,
+    channels: usize,
+    pixels: &[u8],
+) -> candle_core::Result<Vec<u8>> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::{ExtendedColorType, ImageEncoder};
+    let color = match channels {
+        1 => ExtendedColorType::L8,
+        3 => ExtendedColorType::Rgb8,
+        4 => ExtendedColorType::Rgba8,
+        _ => candle_core::bail!("encode_png: channels must be 1, 3 or 4, got {channels}"),
     };
-    let mut raw = Vec::with_capacity((width * channels + 1) * height);
-    for row in pixels.chunks(width * channels).take(height) {
-        raw.push(0); // filter: none
-        raw.extend_from_slice(row);
+    if pixels.len() != width * height * channels {
+        candle_core::bail!(
+            "encode_png: {} bytes for a {width}x{height} image with {channels} channel(s) (expected {})",
+            pixels.len(),
+            width * height * channels
+        )
     }
-    let mut zlib = vec![0x78, 0x01];
-    let mut blocks = raw.chunks(65535).peekable();
-    if blocks.peek().is_none() {
-        zlib.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
-    }
-    while let Some(block) = blocks.next() {
-        zlib.push(u8::from(blocks.peek().is_none()));
-        let len = block.len() as u16;
-        zlib.extend_from_slice(&len.to_le_bytes());
-        zlib.extend_from_slice(&(!len).to_le_bytes());
-        zlib.extend_from_slice(block);
-    }
-    zlib.extend_from_slice(&adler32(&raw).to_be_bytes());
-
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&(width as u32).to_be_bytes());
-    ihdr.extend_from_slice(&(height as u32).to_be_bytes());
-    ihdr.extend_from_slice(&[8, color_type, 0, 0, 0]);
-    png_chunk(&mut png, b"IHDR", &ihdr);
-    png_chunk(&mut png, b"IDAT", &zlib);
-    png_chunk(&mut png, b"IEND", &[]);
-    png
+    let mut png = Vec::new();
+    PngEncoder::new_with_quality(&mut png, CompressionType::Fast, FilterType::Adaptive)
+        .write_image(pixels, width as u32, height as u32, color)
+        .map_err(|e| candle_core::Error::Msg(format!("encode_png: {e}")))?;
+    Ok(png)
 }
 
-fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    let start = out.len();
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let crc = crc32(&out[start..]);
-    out.extend_from_slice(&crc.to_be_bytes());
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-fn adler32(data: &[u8]) -> u32 {
-    let (mut a, mut b) = (1u32, 0u32);
-    for chunk in data.chunks(5552) {
-        for &x in chunk {
-            a += u32::from(x);
-            b += a;
-        }
-        a %= 65521;
-        b %= 65521;
-    }
-    (b << 16) | a
-}
-
-/// Standard base64 with padding.
+/// Standard base64 with padding (RFC 4648), as Jupyter expects for binary MIME types.
 pub fn base64(bytes: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16)
-            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*chunk.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(TABLE[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 pub fn html_escape(s: &str) -> String {
@@ -574,17 +534,16 @@ mod tests {
     }
 
     #[test]
-    fn crc_and_adler_known_values() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
-    }
-
-    #[test]
-    fn png_has_signature_and_chunks() {
-        let png = encode_png(2, 2, 3, &[255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255]);
+    fn png_round_trips_through_a_decoder() {
+        let pixels = [255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255];
+        let png = encode_png(2, 2, 3, &pixels).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        assert_eq!(&png[12..16], b"IHDR");
-        assert_eq!(&png[png.len() - 8..png.len() - 4], b"IEND");
+        let back = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(back.dimensions(), (2, 2));
+        assert_eq!(back.as_raw().as_slice(), &pixels);
+        let err = encode_png(2, 2, 3, &pixels[..11]).unwrap_err().to_string();
+        assert!(err.contains("11 bytes") && err.contains("2x2"), "{err}");
+        assert!(encode_png(1, 1, 2, &[0, 0]).is_err());
     }
 
     #[test]

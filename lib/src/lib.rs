@@ -30,6 +30,7 @@ pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod parity;
+pub mod plot;
 pub mod pretrained;
 pub mod rng;
 pub mod sampling;

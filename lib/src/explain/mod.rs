@@ -3,6 +3,7 @@
 //! loop, the textual explanation ([`tokens`]) and run records ([`record`]).
 
 pub mod bundle;
+pub mod live;
 pub mod objective;
 pub mod optimize;
 pub mod pipeline;
@@ -11,6 +12,7 @@ pub mod soft_prompt;
 pub mod tokens;
 
 pub use bundle::{ClassifierSpec, DiffusionSource, ModelBundle, ModelSpec};
+pub use live::{activation_chart, probability_chart, LiveView};
 pub use objective::Objective;
 pub use optimize::{
     optimize, CancelToken, IterationMetrics, OptimizeConfig, Optimized, Pipeline, StopReason,
