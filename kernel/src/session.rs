@@ -92,6 +92,8 @@ impl Session {
              :dep candle-core = \"=0.11.1\"\n\
              use diffexplainer::*;\n\
              use diffexplainer::display::{{show, show_updatable, Display, Image, Progress, interrupted}};\n\
+             use diffexplainer::plot::LineChart;\n\
+             use diffexplainer::explain::LiveView;\n\
              use candle_core::{{DType, Device, Tensor, D}};\n\
              diffexplainer::display::install_kernel_panic_hook();",
             lib.to_string_lossy()

@@ -30,4 +30,4 @@ time "$BIN" warm
 export JUPYTER_PATH="$VENV/share/jupyter"
 export JUPYTER_PLATFORM_DIRS=1
 cd "$ROOT/tests/kernel"
-"$VENV/bin/python" -m unittest -v test_kernel_spec.py test_protocol.py test_notebooks.py
+"$VENV/bin/python" -m unittest -v test_kernel_spec.py test_protocol.py test_notebooks.py test_rich_types.py

@@ -1,0 +1,96 @@
+"""The library's own types render in the notebook: a plotters chart, the explainer's live view
+updated in place during a real (tiny, embedded) optimization, the result and the textual
+explanation as a cell's last expression. Runs through nbclient against the installed kernel."""
+import base64
+import os
+import unittest
+
+import nbformat
+from nbclient import NotebookClient
+
+KERNEL = os.environ.get("DIFFEXPLAINER_KERNEL_NAME", "diffexplainer-rust")
+
+CELLS = [
+    # 0: a chart as the last expression: SVG, PNG fallback, text
+    'LineChart::new("demo curve").labels("iteration", "value")\n'
+    '    .series("value", (0..20).map(|i| (i as f64, (i as f64).sqrt())))\n'
+    '    .marker(19.0, "best")',
+    # 1: the explainer loop on the embedded tiny models with a live view (rendering every
+    #    iteration: rate 1000/s), then the final state
+    "use diffexplainer::explain::*;\n"
+    "let pipeline = DiffusionPipeline::new(ModelBundle::tiny_random(0).unwrap(), PipelineOptions::default()).unwrap();\n"
+    'let mut prompt = pipeline.new_prompt("A texture of {}", 2, &SoftPromptInit::Random { seed: 0 }).unwrap();\n'
+    'let mut live = LiveView::with_rate("class 3", 1000.0);\n'
+    "let config = OptimizeConfig { iterations: 4, ..OptimizeConfig::default() };\n"
+    "let result = optimize(&pipeline, &mut prompt, &Objective::logit(3), Some(3), &config,\n"
+    "    &CancelToken::new(), |m, images| live.observe(m, images)).unwrap();\n"
+    "live.finish(&result);\n"
+    'println!("renders {}", live.renders());',
+    # 2: the result as the last expression
+    "result",
+    # 3: the textual explanation as the last expression
+    # (a block: evcxr cannot keep a variable that borrows another one)
+    "{ let b = pipeline.bundle();\n"
+    "  nearest_tokens(prompt.template(), &result.best_vectors, &b.text_encoder.token_embedding, &b.tokenizer, 3).unwrap() }",
+]
+
+
+def png_size(b64):
+    png = base64.b64decode(b64)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n"), png[:8]
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+class RichTypesTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Rust (diffexplainer)", "language": "rust"}
+        nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
+        NotebookClient(nb, timeout=600, kernel_name=KERNEL).execute()
+        cls.out = [c.outputs for c in nb.cells]
+
+    def test_chart_renders_as_svg_with_png_fallback(self):
+        (result,) = self.out[0]
+        self.assertEqual(result["output_type"], "execute_result")
+        data = result["data"]
+        self.assertTrue(data["image/svg+xml"].lstrip().startswith("<svg"))
+        self.assertIn("demo curve", data["image/svg+xml"])
+        self.assertEqual(png_size(data["image/png"]), (640, 360))
+        self.assertIn("20 point(s)", data["text/plain"])
+
+    def test_live_view_updates_one_output_in_place(self):
+        outputs = self.out[1]
+        displays = [o for o in outputs if o["output_type"] == "display_data"]
+        # nbclient applies update_display_data in place: one output, showing the final state.
+        self.assertEqual(len(displays), 1, outputs)
+        html = displays[0]["data"]["text/html"]
+        self.assertIn("Finished", displays[0]["data"]["text/plain"])
+        self.assertIn("iteration: 3", displays[0]["data"]["text/plain"])
+        self.assertIn("data:image/png;base64,", html)
+        self.assertIn("data:image/svg+xml;base64,", html)
+        stream = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
+        # Four iterations at an unbounded rate plus the final render: five renders, all of
+        # which reached the same output.
+        self.assertIn("renders 5", stream)
+
+    def test_result_renders_images_and_curves(self):
+        (result,) = self.out[2]
+        self.assertEqual(result["output_type"], "execute_result")
+        data = result["data"]
+        self.assertIn("Finished after 4 iteration(s)", data["text/plain"])
+        self.assertIn("objective per iteration", data["text/html"])
+        self.assertIn("target probability per iteration", data["text/html"])
+        w, h = png_size(data["image/png"])
+        self.assertGreater(w, 0)
+        self.assertGreater(h, 0)
+
+    def test_explanation_renders_as_table(self):
+        (result,) = self.out[3]
+        data = result["data"]
+        self.assertIn("<th>nearest tokens (cosine)</th>", data["text/html"])
+        self.assertIn("prompt: A texture of", data["text/plain"])
+
+
+if __name__ == "__main__":
+    unittest.main()
