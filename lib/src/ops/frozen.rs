@@ -203,10 +203,12 @@ impl ConvInputGrad {
 /// given the output's gradient `grad`, for `config.groups == 1`. `weight` may have k_h != k_w.
 ///
 /// The GEMM methods transpose and flip the weight on every call rather than caching it in the
-/// [`Conv2d`]: a cache would double the memory of every conv weight (about 1 GB more for SD 1.5
-/// in f16, where we already use several times PyTorch's memory), while the copy costs one read
-/// and write of the weight per backward, a few percent of that conv's GEMM even at 1280
-/// channels and 8² (and the transposed kernel's memory is freed right after).
+/// [`Conv2d`]: a cache would double the memory of every conv weight (about 1.2 GB more for the
+/// SD 1.5 UNet in f16, where we already use several times PyTorch's memory). The copy costs two
+/// passes over the weight per backward: on a GPU about 50 µs for a 1280x1280x3x3 f16 kernel
+/// (~8 ms per iteration over the UNet's 4 steps), comparable to the GEMM itself only at 8²-16²;
+/// on the CPU candle's index_select/strided copy are slow (~200 ms for that kernel in f32,
+/// more than its GEMM), see docs/gpu-notes.md.
 pub fn conv2d_input_grad(
     grad: &Tensor,
     weight: &Tensor,
