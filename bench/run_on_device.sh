@@ -5,10 +5,13 @@
 # Built here beforehand (see docs/gpu-baseline.md):
 #   source ../shared/cuda/env.sh
 #   CARGO_TARGET_DIR=/work/target-cuda cargo build --release --features cuda -p diffexplainer \
-#       --bin diffexplainer --bin bench_iteration
-#   mkdir -p .device-carry && gzip -c $T/release/diffexplainer > .device-carry/diffexplainer.gz (same for bench_iteration)
+#       --bin diffexplainer --bin bench_iteration --bin bench_conv_grad
+#   mkdir -p .device-carry && strip $T/release/diffexplainer &&
+#     gzip -c $T/release/diffexplainer > .device-carry/diffexplainer.gz (same for bench_iteration, bench_conv_grad)
 #   python3 -m pip download ... -d .whl diffusers==0.42.1 importlib_metadata   (device README)
 # Called as: bash bench/run_on_device.sh   (carry: .device-carry, .whl)
+# Budget (about 10 device minutes): parity ~2, conv-gradient table ~1, iteration A/B ~1.5,
+# ours + PyTorch per dtype ~1.5 each. Defaults: DTYPES="f16 f32", checkpointing run only with CKPT=1.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,6 +27,15 @@ timeout 180 bash bench/cuda-libs.sh $bin/diffexplainer parity --device cuda test
 echo "parity exit $?"; grep -E "FAIL|ERROR" $OUT/parity_cuda.txt | head -20; tail -1 $OUT/parity_cuda.txt
 fi
 
+if [ -z "${SKIP_CONV:-}" ] && [ -x $bin/bench_conv_grad ]; then
+echo "== conv input gradient per shape: conv_transpose2d (old) vs conv2d/GEMM (new), docs/gpu-notes.md"
+for dt in f16 f32; do
+  timeout 120 bash bench/cuda-libs.sh $bin/bench_conv_grad --device cuda --dtype $dt --runs 10 > $OUT/conv_grad_1.txt 2>&1
+  echo "bench_conv_grad $dt exit $?" | tee -a $OUT/conv_grad.txt; cat $OUT/conv_grad_1.txt | tee -a $OUT/conv_grad.txt
+done
+rm -f $OUT/conv_grad_1.txt
+fi
+
 # Peak device memory of a whole process, sampled by nvidia-smi every 50 ms (baseline subtracted).
 measure() { # name, timeout, command...
   local name=$1 limit=$2; shift 2
@@ -37,12 +49,16 @@ measure() { # name, timeout, command...
   grep -E '^\{' $OUT/run_$name.txt | tee -a $OUT/summary.jsonl
   [ $rc -eq 0 ] || tail -5 $OUT/run_$name.txt
 }
-for dt in ${DTYPES:-f16 f32 bf16}; do
+# A/B of the conv input gradient in the whole iteration (same binary, env var only).
+[ -n "${SKIP_AB:-}" ] || measure ours_f16_transpose ${OURS_LIMIT:-150} env DIFFEXPLAINER_CONV_INPUT_GRAD=transpose bash bench/cuda-libs.sh $bin/bench_iteration --device cuda --dtype f16 --iters ${ITERS:-3} --warmup 1
+for dt in ${DTYPES:-f16 f32}; do
   tdt=$(echo $dt | sed 's/^f16$/float16/; s/^f32$/float32/; s/^bf16$/bfloat16/')
   measure ours_$dt ${OURS_LIMIT:-150} bash bench/cuda-libs.sh $bin/bench_iteration --device cuda --dtype $dt --iters ${ITERS:-3} --warmup 1
   [ -n "${SKIP_TORCH:-}" ] || measure torch_$dt 120 python3 bench/torch_iteration.py --dtypes $tdt --iters 5 --warmup 2
 done
-[ -n "${SKIP_CKPT:-}" ] || measure ours_f16_ckpt ${OURS_LIMIT:-150} bash bench/cuda-libs.sh $bin/bench_iteration --device cuda --dtype f16 --iters ${ITERS:-3} --warmup 1 --checkpointing
-# Keep what comes back within the file limit: the raw memory samples are summarized above.
+[ -z "${CKPT:-}" ] || measure ours_f16_ckpt ${OURS_LIMIT:-150} bash bench/cuda-libs.sh $bin/bench_iteration --device cuda --dtype f16 --iters ${ITERS:-3} --warmup 1 --checkpointing
+# Keep what comes back within the limit of 8 files: the raw memory samples are summarized above,
+# the per-run logs go into one file.
 rm -f $OUT/mem_*.txt
+for f in $OUT/run_*.txt; do echo "== $(basename $f)"; tail -n 40 $f; done > $OUT/runs.txt; rm -f $OUT/run_*.txt
 echo "== summary"; cat $OUT/summary.jsonl

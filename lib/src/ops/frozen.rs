@@ -11,8 +11,13 @@
 //! itself tracked (a `Var`, or derived from one) takes candle's ordinary path, so no gradient
 //! is ever dropped silently.
 //!
-//! The conv input-gradient also handles non-square inputs correctly: candle's own conv2d
-//! backward derives the transposed convolution's output padding from the height alone.
+//! The conv input-gradient (a transposed convolution) runs through `Tensor::conv2d`, candle's
+//! im2col + GEMM path, as stride-1 convolutions with the flipped, channel-swapped kernel (one
+//! per output phase when the stride is > 1): candle's own `conv_transpose2d` is a naive direct
+//! kernel on CUDA and CPU alike, 25-120x PyTorch per conv on an H100. See [`ConvInputGrad`];
+//! `DIFFEXPLAINER_CONV_INPUT_GRAD=transpose` restores the old path for A/B timing. Either way it
+//! handles non-square inputs correctly: candle's own conv2d backward derives the transposed
+//! convolution's output padding from the height alone.
 
 use std::sync::Mutex;
 
@@ -148,18 +153,235 @@ impl Module for Conv2d {
         let y = conv_forward(&x.detach(), &self.weight, self.bias.as_ref(), c)?;
         let weight = self.weight.clone();
         let (h, w) = (x.dim(2)?, x.dim(3)?);
-        let (pad, stride, dil) = (c.padding, c.stride, c.dilation);
+        let config = *c;
         attach(x, y, move |grad| {
+            conv2d_input_grad(grad, &weight, (h, w), &config, ConvInputGrad::from_env()?)
+        })
+    }
+}
+
+/// How [`Conv2d`]'s backward computes the input gradient (all three give the same values).
+///
+/// Chosen by the environment variable `DIFFEXPLAINER_CONV_INPUT_GRAD`, read once per process:
+/// unset or `polyphase` (default), `zero-insertion`, or `transpose` (the original path, kept for
+/// A/B timing). Any other value makes the backward fail with an error naming the valid ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvInputGrad {
+    /// candle's `conv_transpose2d`: a naive direct kernel on both CUDA and CPU.
+    Transpose,
+    /// Zeros interleaved into the gradient (stride s), then one stride-1 `conv2d` with the
+    /// transposed, flipped kernel: the GEMM path, but s² times the multiplies of the polyphase.
+    ZeroInsertion,
+    /// s² stride-1 `conv2d`s (GEMM path), one per output phase, each with the kernel taps that
+    /// reach that phase, interleaved at the end: no multiplies by inserted zeros.
+    Polyphase,
+}
+
+impl ConvInputGrad {
+    pub const ENV: &'static str = "DIFFEXPLAINER_CONV_INPUT_GRAD";
+
+    /// The method named by `DIFFEXPLAINER_CONV_INPUT_GRAD` (read once; default: polyphase).
+    pub fn from_env() -> Result<Self> {
+        static METHOD: std::sync::OnceLock<std::result::Result<ConvInputGrad, String>> =
+            std::sync::OnceLock::new();
+        METHOD
+            .get_or_init(|| match std::env::var(Self::ENV).as_deref() {
+                Err(_) | Ok("") | Ok("polyphase") => Ok(Self::Polyphase),
+                Ok("zero-insertion") => Ok(Self::ZeroInsertion),
+                Ok("transpose") => Ok(Self::Transpose),
+                Ok(other) => Err(format!(
+                    "{}=`{other}`: expected polyphase (default), zero-insertion or transpose",
+                    Self::ENV
+                )),
+            })
+            .clone()
+            .map_err(candle_core::Error::Msg)
+    }
+}
+
+/// The gradient of `conv2d(x, weight, config)` with respect to `x` (of spatial size `input_hw`)
+/// given the output's gradient `grad`, for `config.groups == 1`. `weight` may have k_h != k_w.
+///
+/// The GEMM methods transpose and flip the weight on every call rather than caching it in the
+/// [`Conv2d`]: a cache would double the memory of every conv weight (about 1.2 GB more for the
+/// SD 1.5 UNet in f16, where we already use several times PyTorch's memory). The copy costs two
+/// passes over the weight per backward: on a GPU about 50 µs for a 1280x1280x3x3 f16 kernel
+/// (~8 ms per iteration over the UNet's 4 steps), comparable to the GEMM itself only at 8²-16²;
+/// on the CPU candle's index_select/strided copy are slow (~200 ms for that kernel in f32,
+/// more than its GEMM), see docs/gpu-notes.md.
+pub fn conv2d_input_grad(
+    grad: &Tensor,
+    weight: &Tensor,
+    input_hw: (usize, usize),
+    config: &Conv2dConfig,
+    method: ConvInputGrad,
+) -> Result<Tensor> {
+    let (h, w) = input_hw;
+    let (pad, stride, dil) = (config.padding, config.stride, config.dilation);
+    if config.groups != 1 {
+        candle_core::bail!(
+            "conv2d_input_grad: groups {} (only 1 is supported)",
+            config.groups
+        )
+    }
+    let (_, _, k_h, k_w) = weight.dims4()?;
+    let (_, _, out_h, out_w) = grad.dims4()?;
+    match method {
+        ConvInputGrad::Transpose => {
             // Output padding per axis: the input rows/columns the forward's floor division
             // dropped from the transposed convolution's natural size. conv_transpose2d takes one
             // value for both axes, so use the larger and trim the other axis.
-            let k = weight.dim(2)?;
-            let natural = |out: usize| (out - 1) * stride + dil * (k - 1) + 1 - 2 * pad;
-            let (pad_h, pad_w) = (h - natural(grad.dim(2)?), w - natural(grad.dim(3)?));
-            let g = grad.conv_transpose2d(&weight, pad, pad_h.max(pad_w), stride, dil)?;
+            let natural = |out: usize, k: usize| (out - 1) * stride + dil * (k - 1) + 1 - 2 * pad;
+            let (pad_h, pad_w) = (h - natural(out_h, k_h), w - natural(out_w, k_w));
+            let g = grad.conv_transpose2d(weight, pad, pad_h.max(pad_w), stride, dil)?;
             g.narrow(2, 0, h)?.narrow(3, 0, w)
-        })
+        }
+        ConvInputGrad::ZeroInsertion => {
+            // Each gradient row/column followed by stride-1 zeros: a stride-1 problem whose
+            // "output" is out * stride long.
+            let (b, c) = (grad.dim(0)?, grad.dim(1)?);
+            let zeros = grad
+                .reshape((b, c, out_h, 1, out_w, 1))?
+                .pad_with_zeros(3, 0, stride - 1)?
+                .pad_with_zeros(5, 0, stride - 1)?
+                .reshape((b, c, out_h * stride, out_w * stride))?;
+            let plan_h = AxisPhase::new(k_h, 1, dil, pad, h, out_h * stride, 0);
+            let plan_w = AxisPhase::new(k_w, 1, dil, pad, w, out_w * stride, 0);
+            phase_conv(&zeros, weight, &plan_h, &plan_w)
+        }
+        ConvInputGrad::Polyphase => {
+            // Input row j = q * stride + r (phase r) receives only the kernel taps a with
+            // a * dil + r + pad ≡ 0 (mod stride): one stride-1 conv per (row, column) phase.
+            let phases = |k, n, out| {
+                (0..stride)
+                    .map(|r| AxisPhase::new(k, stride, dil, pad, n, out, r))
+                    .collect::<Vec<_>>()
+            };
+            let (phases_h, phases_w) = (phases(k_h, h, out_h), phases(k_w, w, out_w));
+            if stride == 1 {
+                return phase_conv(grad, weight, &phases_h[0], &phases_w[0]);
+            }
+            let rows = phases_h
+                .iter()
+                .map(|ph| {
+                    let cols = phases_w
+                        .iter()
+                        .map(|pw| phase_conv(grad, weight, ph, pw))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::stack(&cols, 4) // [b, c, q_h, q_w, stride]
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let g = Tensor::stack(&rows, 3)?; // [b, c, q_h, stride, q_w, stride]
+            let &[b, c, q_h, _, q_w, _] = g.dims() else {
+                unreachable!("stacked phases have 6 dimensions")
+            };
+            g.reshape((b, c, q_h * stride, q_w * stride))?
+                .narrow(2, 0, h)?
+                .narrow(3, 0, w)
+        }
     }
+}
+
+/// One output phase of the input gradient along one axis, as a stride-1 correlation:
+/// `gx[q * stride + r] = Σ_m g[q - lead + m * dil] · W[taps[m]]` over `q < len`, where
+/// `g[i]` is the output gradient (zero outside `0..out`) and `taps` are the kernel taps that
+/// reach phase `r`, already in flipped order. `dil` is the sub-convolution's dilation.
+#[derive(Debug, Clone)]
+struct AxisPhase {
+    taps: Vec<u32>,
+    dil: usize,
+    /// Zero rows the correlation needs before the gradient's first row (negative: rows skipped).
+    lead: isize,
+    /// Zero rows it needs after the gradient's last row (negative: rows unused).
+    trail: isize,
+    len: usize,
+}
+
+impl AxisPhase {
+    /// Phase `r` of an axis with kernel size `k`, forward stride/dilation/padding, input length
+    /// `n` and output (gradient) length `out`.
+    fn new(
+        k: usize,
+        stride: usize,
+        dil: usize,
+        pad: usize,
+        n: usize,
+        out: usize,
+        r: usize,
+    ) -> Self {
+        // Taps a with a*dil ≡ r + pad (mod stride) reach input row q*stride + r from output row
+        // i = q + (r + pad - a*dil) / stride. They are spaced stride/g apart (g = gcd), and
+        // consecutive taps read output rows dil/g apart.
+        let g = gcd(dil, stride);
+        let (step, sub_dil) = (stride / g, dil / g);
+        let len = n.div_ceil(stride);
+        let Some(a0) = (0..k).find(|a| (a * dil + stride - (r + pad) % stride) % stride == 0)
+        else {
+            return Self {
+                taps: vec![],
+                dil: sub_dil,
+                lead: 0,
+                trail: 0,
+                len,
+            };
+        };
+        let count = (k - a0).div_ceil(step);
+        // The first tap a0 reads output row q + offset, the last one q + offset - (count-1)*sub_dil.
+        let offset = (r + pad) as isize - (a0 * dil) as isize;
+        let offset = offset.div_euclid(stride as isize);
+        let span = ((count - 1) * sub_dil) as isize;
+        let lead = span - offset;
+        let trail = len as isize + span - lead - out as isize;
+        let taps = (0..count).rev().map(|m| (a0 + m * step) as u32).collect();
+        Self {
+            taps,
+            dil: sub_dil,
+            lead,
+            trail,
+            len,
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The stride-1 correlation of one (row, column) phase through `Tensor::conv2d` (im2col + GEMM):
+/// the kernel's taps for the phase, flipped, in/out channels swapped; one symmetric zero padding
+/// covers the largest of the four sides, and the result is narrowed to the wanted window.
+fn phase_conv(grad: &Tensor, weight: &Tensor, ph: &AxisPhase, pw: &AxisPhase) -> Result<Tensor> {
+    let (b, _, _, _) = grad.dims4()?;
+    let (c_out, c_in, _, k_w) = weight.dims4()?;
+    if ph.taps.is_empty() || pw.taps.is_empty() {
+        return Tensor::zeros((b, c_in, ph.len, pw.len), grad.dtype(), grad.device());
+    }
+    // One index_select picks (and flips) the taps of both axes from the flattened kernel.
+    let flat: Vec<u32> = ph
+        .taps
+        .iter()
+        .flat_map(|&a| pw.taps.iter().map(move |&c| a * k_w as u32 + c))
+        .collect();
+    let ids = Tensor::new(flat.as_slice(), weight.device())?;
+    let kernel = weight
+        .flatten_from(2)?
+        .index_select(&ids, 2)?
+        .reshape((c_out, c_in, ph.taps.len(), pw.taps.len()))?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let pad = [ph.lead, ph.trail, pw.lead, pw.trail]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+        .max(0) as usize;
+    assert_eq!(ph.dil, pw.dil, "one dilation for both axes");
+    grad.conv2d(&kernel, pad, 1, ph.dil, 1)?
+        .narrow(2, (pad as isize - ph.lead) as usize, ph.len)?
+        .narrow(3, (pad as isize - pw.lead) as usize, pw.len)
 }
 
 fn conv_forward(

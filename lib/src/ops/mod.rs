@@ -21,7 +21,10 @@ pub mod softmax;
 
 pub use activation::{gelu_erf, gelu_tanh, quick_gelu, silu, Activation};
 pub use attention::{scaled_dot_product_attention, AttentionMask};
-pub use frozen::{conv2d, conv2d_no_bias, linear, linear_no_bias, Conv2d, Conv2dConfig, Linear};
+pub use frozen::{
+    conv2d, conv2d_input_grad, conv2d_no_bias, linear, linear_no_bias, Conv2d, Conv2dConfig,
+    ConvInputGrad, Linear,
+};
 pub use norm::{group_norm, layer_norm, BatchNorm2d, GroupNorm, LayerNorm};
 pub use pool::{adaptive_avg_pool2d, avg_pool2d, max_pool2d};
 pub use resize::{resize_bilinear, upsample_nearest2x};
