@@ -92,5 +92,25 @@ class RichTypesTests(unittest.TestCase):
         self.assertIn("prompt: A texture of", data["text/plain"])
 
 
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "notebooks")
+
+
+class ShippedNotebookTests(unittest.TestCase):
+    """Every notebook in notebooks/ runs top to bottom in the kernel without an error."""
+
+    def test_notebooks_execute(self):
+        names = sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb"))
+        self.assertTrue(names, "no notebooks found")
+        for name in names:
+            with self.subTest(notebook=name):
+                nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+                # Executed under the test kernel; the file keeps its own kernelspec.
+                NotebookClient(nb, timeout=600, kernel_name=KERNEL, allow_errors=False).execute()
+                outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+                self.assertFalse([o for o in outputs if o["output_type"] == "error"])
+                images = [o for o in outputs if "image/png" in o.get("data", {})]
+                self.assertTrue(images, f"{name}: no image output")
+
+
 if __name__ == "__main__":
     unittest.main()
