@@ -98,6 +98,15 @@ fn a_record_reproduces_bit_for_bit() {
         reproduction.identical && reproduction.png_identical,
         "{reproduction:?}"
     );
+    // In a notebook the record renders its status, best images, curve and explanation.
+    let shown = record.display().unwrap();
+    let text = shown.get("text/plain").unwrap();
+    assert!(text.contains("Finished after 5 iteration(s)"), "{text}");
+    assert!(text.contains(&explanation.prompt), "{text}");
+    let html = shown.get("text/html").unwrap();
+    assert!(html.contains("data:image/svg+xml;base64,") && html.contains("<table>"));
+    let png = shown.get("image/png").expect("the best images");
+    assert!(png.starts_with("iVBORw0KGgo"));
     // The textual explanation is the saved prompt's.
     let prompt = record.prompt(&Device::Cpu).unwrap();
     assert_eq!(prompt.template(), "A texture of {}");
@@ -160,6 +169,13 @@ fn a_killed_run_leaves_a_readable_record() {
     let saved = record.prompt(&Device::Cpu).unwrap();
     assert_eq!(saved.num_vectors(), 2);
     assert!(dir.join("images/iter_00004.png").is_file());
+    // It still renders: unfinished, with the recorded part of the curve and no best images.
+    let shown = record.display().unwrap();
+    assert!(shown
+        .get("text/plain")
+        .unwrap()
+        .contains("unfinished: 5 iteration(s) recorded"));
+    assert!(shown.get("image/png").is_none());
     // No temporary files are left behind.
     let leftovers: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()

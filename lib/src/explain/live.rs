@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use candle_core::Tensor;
 
 use super::optimize::{IterationMetrics, Optimized};
+use super::record::RunRecord;
 use super::tokens::TextualExplanation;
 use crate::display::{self, html_escape, show_updatable, Display, DisplayHandle, RateLimit};
 use crate::plot::LineChart;
@@ -290,6 +291,75 @@ impl TextualExplanation {
     /// Called by evcxr when the explanation is a cell's last expression.
     pub fn evcxr_display(&self) {
         self.display().evcxr_display()
+    }
+}
+
+impl RunRecord {
+    /// A record read back from disk: what was optimized, how it ended (or that it did not),
+    /// the objective curve, the best images and the explanation when the run finished.
+    pub fn display(&self) -> anyhow::Result<Display> {
+        let status = match &self.summary {
+            Some(s) => format!(
+                "{} after {} iteration(s): best objective {:.4} at iteration {}",
+                s.stop, s.iterations, s.best_objective, s.best_iteration
+            ),
+            None => format!(
+                "unfinished: {} iteration(s) recorded",
+                self.iterations_recorded
+            ),
+        };
+        let title = format!(
+            "{} — {} ({})",
+            self.dir.display(),
+            self.config.objective_text,
+            status
+        );
+        let mut html = format!(
+            "<div class=\"diffexplainer-record\"><div>{}</div>",
+            html_escape(&title)
+        );
+        let mut display = Display::new();
+        html.push_str("<div style=\"display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start\">");
+        if self.summary.is_some() {
+            let grid = batch_grid(&self.best_images()?)?;
+            let png = grid.get("image/png").unwrap_or_default().to_string();
+            let _ = write!(
+                html,
+                "<img alt=\"best images\" style=\"max-width:512px\" src=\"data:image/png;base64,{png}\"/>"
+            );
+            display = display.with("image/png", png);
+        }
+        if !self.objectives.is_empty() {
+            let chart = LineChart::new("objective per iteration")
+                .labels("iteration", "objective")
+                .series(
+                    "objective",
+                    self.objectives
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &o)| (i as f64, o)),
+                )
+                .size(480, 270);
+            let _ = write!(
+                html,
+                "<img alt=\"objective per iteration\" src=\"data:image/svg+xml;base64,{}\"/>",
+                display::base64(chart.to_svg()?.as_bytes())
+            );
+        }
+        html.push_str("</div>");
+        let mut text = title;
+        if let Some(e) = self.summary.as_ref().and_then(|s| s.explanation.as_ref()) {
+            html.push_str(e.display().get("text/html").unwrap_or_default());
+            text.push('\n');
+            text.push_str(&e.to_string());
+        }
+        html.push_str("</div>");
+        Ok(display.text(text).html(html))
+    }
+
+    /// Called by evcxr when the record is a cell's last expression.
+    pub fn evcxr_display(&self) {
+        render_or_error(self.display())
     }
 }
 
