@@ -14,6 +14,7 @@
 pub mod activation;
 pub mod attention;
 pub mod frozen;
+pub mod group_norm;
 pub mod norm;
 pub mod pool;
 pub mod resize;
@@ -25,7 +26,8 @@ pub use frozen::{
     conv2d, conv2d_input_grad, conv2d_no_bias, linear, linear_no_bias, Conv2d, Conv2dConfig,
     ConvInputGrad, Linear,
 };
-pub use norm::{group_norm, layer_norm, BatchNorm2d, GroupNorm, LayerNorm};
+pub use group_norm::{group_norm_fused, GroupNormImpl};
+pub use norm::{group_norm, group_norm_composed, layer_norm, BatchNorm2d, GroupNorm, LayerNorm};
 pub use pool::{adaptive_avg_pool2d, avg_pool2d, max_pool2d};
 pub use resize::{resize_bilinear, upsample_nearest2x};
 pub use softmax::{log_softmax_last_dim, softmax_last_dim};
