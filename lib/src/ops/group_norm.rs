@@ -521,30 +521,48 @@ mod cpu {
         });
     }
 
-    /// Mean and 1/sqrt(var + eps) of one group: two passes, each row (channel) summed on its
-    /// own first so that the error grows with rows + spatial, not their product.
-    fn group_stats<T: WithDType, A: Acc>(x: &[T], spatial: usize, eps: f64) -> (A, A) {
-        let n = A::of_usize(x.len());
-        let mut s = A::of(0.0);
-        for row in x.chunks(spatial.max(1)) {
-            let mut r = A::of(0.0);
-            for &v in row {
-                r += A::load(v);
+    /// Elements per block whose partial sum is taken in `A` (8 lanes, so the loops vectorize);
+    /// block sums are added in f64, so the error does not grow with the group's size.
+    const BLOCK: usize = 4096;
+
+    /// Σ f(a[i], b[i]) over one block, in 8 independent lanes.
+    #[inline(always)]
+    fn lane_sum<T: WithDType, A: Acc>(a: &[T], b: &[T], f: impl Fn(A, A) -> A) -> A {
+        let mut lanes = [A::of(0.0); 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (xa, xb) in ca.zip(cb) {
+            for l in 0..8 {
+                lanes[l] += f(A::load(xa[l]), A::load(xb[l]));
             }
-            s += r;
         }
-        let mean = s / n;
-        let mut q = A::of(0.0);
-        for row in x.chunks(spatial.max(1)) {
-            let mut r = A::of(0.0);
-            for &v in row {
-                let d = A::load(v) - mean;
-                r += d * d;
-            }
-            q += r;
+        let mut tail = A::of(0.0);
+        for (&va, &vb) in ra.iter().zip(rb) {
+            tail += f(A::load(va), A::load(vb));
         }
-        let var = q / n;
-        (mean, A::of(1.0) / (var + A::of(eps)).sqrt())
+        ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+            + tail
+    }
+
+    /// Σ f(a[i], b[i]) over a whole row or group: [`lane_sum`] per block, blocks added in f64.
+    fn sum<T: WithDType, A: Acc>(a: &[T], b: &[T], f: impl Fn(A, A) -> A + Copy) -> f64 {
+        a.chunks(BLOCK)
+            .zip(b.chunks(BLOCK))
+            .map(|(a, b)| lane_sum::<T, A>(a, b, f).to_f64())
+            .sum()
+    }
+
+    /// Mean and 1/sqrt(var + eps) of one group: two passes (the mean, then the squared
+    /// deviations from it), as the CUDA kernel does.
+    fn group_stats<T: WithDType, A: Acc>(x: &[T], eps: f64) -> (A, A) {
+        let n = x.len() as f64;
+        let mean = A::of(sum::<T, A>(x, x, |v, _| v) / n);
+        let var = sum::<T, A>(x, x, |v, _| {
+            let d = v - mean;
+            d * d
+        }) / n;
+        (mean, A::of(1.0) / (A::of(var) + A::of(eps)).sqrt())
     }
 
     pub(super) fn stats<T: WithDType, A: Acc>(x: &[T], g: Geometry, eps: f64) -> Vec<A> {
@@ -553,7 +571,7 @@ mod cpu {
         for_groups(&mut out, 2, g.n_groups(), |first, chunk| {
             for (k, st) in chunk.chunks_mut(2).enumerate() {
                 let bg = first + k;
-                let (mean, rstd) = group_stats::<T, A>(&x[bg * len..(bg + 1) * len], g.spatial, eps);
+                let (mean, rstd) = group_stats::<T, A>(&x[bg * len..(bg + 1) * len], eps);
                 st[0] = mean;
                 st[1] = rstd;
             }
@@ -614,19 +632,16 @@ mod cpu {
                 let (mean, rstd) = (stats[2 * bg], stats[2 * bg + 1]);
                 let xg = &x[bg * len..(bg + 1) * len];
                 let dyg = &dy[bg * len..(bg + 1) * len];
-                // mean(dy·w) and mean(dy·w·x̂) over the group.
-                let (mut s1, mut s2) = (A::of(0.0), A::of(0.0));
+                // mean(dy·w) and mean(dy·w·x̂) over the group (x̂'s rstd applied after).
+                let (mut s1, mut s2) = (0.0f64, 0.0f64);
                 for (r, (xr, dr)) in xg.chunks(sp).zip(dyg.chunks(sp)).enumerate() {
-                    let (mut r1, mut r2) = (A::of(0.0), A::of(0.0));
-                    for (&xv, &dv) in xr.iter().zip(dr) {
-                        let d = A::load(dv);
-                        r1 += d;
-                        r2 += d * (A::load(xv) - mean);
-                    }
-                    let wc = w.map_or(A::of(1.0), |w| A::load(w[channel(g, bg, r)]));
+                    let r1 = sum::<T, A>(dr, dr, |d, _| d);
+                    let r2 = sum::<T, A>(xr, dr, |xv, d| d * (xv - mean));
+                    let wc = w.map_or(1.0, |w| w[channel(g, bg, r)].to_f64());
                     s1 += r1 * wc;
                     s2 += r2 * wc;
                 }
+                let (s1, s2) = (A::of(s1), A::of(s2));
                 let m1 = s1 / n;
                 let m2 = s2 * rstd / n;
                 for (r, ((dxr, xr), dr)) in dxg
@@ -657,15 +672,12 @@ mod cuda {
         CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
+    use candle_core::backend::BackendStorage;
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Storage};
 
     /// nvcc's PTX for `group_norm.cu` (see its header for the command).
     const PTX: &str = include_str!("group_norm.ptx");
     const MODULE: &str = "diffexplainer_group_norm";
-
-    fn func(dev: &CudaDevice, kernel: &str, suffix: &str) -> Result<candle_core::cuda_backend::CudaFunc> {
-        dev.get_or_load_custom_func(&format!("{kernel}_{suffix}"), MODULE, PTX)
-    }
 
     /// A parameter's storage and layout on the GPU.
     pub(super) type Param<'a> = (&'a CudaStorage, &'a Layout);
@@ -750,7 +762,7 @@ mod cuda {
             let (o1, o2) = super::contiguous_range(l, "the input")?;
             let x = x.slice(o1..o2);
             let out = unsafe { dev.alloc::<A>(2 * g.n_groups())? };
-            let f = func(dev, "gn_stats", suffix)?;
+            let f = dev.get_or_load_custom_func(&format!("gn_stats_{suffix}"), MODULE, PTX)?;
             let group_len = g.group_len() as i64;
             let mut b = f.builder();
             b.arg(&x);
@@ -797,7 +809,7 @@ mod cuda {
             let w = param_view::<T>(w, "the weight")?;
             let bias = param_view::<T>(b, "the bias")?;
             let out = unsafe { dev.alloc::<T>(g.elems())? };
-            let f = func(dev, "gn_apply", suffix)?;
+            let f = dev.get_or_load_custom_func(&format!("gn_apply_{suffix}"), MODULE, PTX)?;
             let (c, pg, sp) = (g.channels as i64, g.per_group() as i64, g.spatial as i64);
             let null = 0u64;
             let mut bld = f.builder();
@@ -856,7 +868,7 @@ mod cuda {
             let (c, pg, sp) = (g.channels as i64, g.per_group() as i64, g.spatial as i64);
             let null = 0u64;
             {
-                let f = func(dev, "gn_backward_reduce", suffix)?;
+                let f = dev.get_or_load_custom_func(&format!("gn_backward_reduce_{suffix}"), MODULE, PTX)?;
                 let mut bld = f.builder();
                 bld.arg(&dy);
                 bld.arg(&x);
@@ -877,7 +889,7 @@ mod cuda {
                 unsafe { bld.launch(cfg) }.w()?;
             }
             let out = unsafe { dev.alloc::<T>(g.elems())? };
-            let f = func(dev, "gn_backward_apply", suffix)?;
+            let f = dev.get_or_load_custom_func(&format!("gn_backward_apply_{suffix}"), MODULE, PTX)?;
             let mut bld = f.builder();
             bld.arg(&dy);
             bld.arg(&x);
