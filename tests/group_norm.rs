@@ -4,8 +4,8 @@
 //! runs on the device: `bench_group_norm --device cuda` and the parity cases).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use diffexplainer::ops::{self, group_norm_composed, group_norm_fused, GroupNormImpl};
 use diffexplainer::ops::group_norm::{group_norm_input_grad, group_norm_stats};
+use diffexplainer::ops::{self, group_norm_composed, group_norm_fused, GroupNormImpl};
 use diffexplainer::testing::{check_gradient, pseudo_random_tensor};
 
 fn rand(shape: &[usize], scale: f64, offset: f64, seed: u64) -> Tensor {
@@ -80,7 +80,9 @@ fn compare(dtype: DType, fwd_bar: f64, grad_bar: f64) -> (f64, f64) {
     for (k, &(shape, groups)) in CASES.iter().enumerate() {
         let c = shape[1];
         // An offset mean, as after a conv: the two-pass statistics must not lose it.
-        let x = rand(shape, 2.0, 0.7, 10 + k as u64).to_dtype(dtype).unwrap();
+        let x = rand(shape, 2.0, 0.7, 10 + k as u64)
+            .to_dtype(dtype)
+            .unwrap();
         let cot = rand(shape, 1.0, 0.0, 20 + k as u64);
         let wt = rand(&[c], 1.0, 0.5, 30 + k as u64).to_dtype(dtype).unwrap();
         let bt = rand(&[c], 1.0, 0.0, 40 + k as u64).to_dtype(dtype).unwrap();
@@ -108,7 +110,10 @@ fn compare(dtype: DType, fwd_bar: f64, grad_bar: f64) -> (f64, f64) {
             worst = (worst.0.max(ef), worst.1.max(eg));
         }
     }
-    println!("{dtype:?}: worst relative difference forward {:.2e}, gradient {:.2e}", worst.0, worst.1);
+    println!(
+        "{dtype:?}: worst relative difference forward {:.2e}, gradient {:.2e}",
+        worst.0, worst.1
+    );
     worst
 }
 
@@ -208,12 +213,21 @@ fn tracked_weight_and_bias_get_gradients() {
         Var::from_tensor(&b).unwrap(),
     );
     let cot = rand(&shape, 1.0, 0.0, 83);
-    let y = ops::group_norm(xv.as_tensor(), 4, Some(wv.as_tensor()), Some(bv.as_tensor()), 1e-5)
-        .unwrap();
+    let y = ops::group_norm(
+        xv.as_tensor(),
+        4,
+        Some(wv.as_tensor()),
+        Some(bv.as_tensor()),
+        1e-5,
+    )
+    .unwrap();
     let grads = (y * &cot).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, v) in [("x", &xv), ("weight", &wv), ("bias", &bv)] {
         let g = grads.get(v.as_tensor());
-        assert!(g.is_some(), "{name} has no gradient with tracked parameters");
+        assert!(
+            g.is_some(),
+            "{name} has no gradient with tracked parameters"
+        );
     }
     let fused_dx = run(true, &x, 4, Some(&w), Some(&b), &cot).unwrap().dx;
     let dx = grads.get(xv.as_tensor()).unwrap();
@@ -254,7 +268,10 @@ fn negative_control_perturbed_statistics_are_caught() {
     assert!(err > 1e-3, "a shifted mean went unnoticed ({err:.2e})");
     // Forgetting the weight in the backward is caught too.
     let bad = group_norm_input_grad(&cot, &x, &stats, None, 2).unwrap();
-    assert!(rel_diff(&bad, &reference) > 1e-2, "a dropped weight went unnoticed");
+    assert!(
+        rel_diff(&bad, &reference) > 1e-2,
+        "a dropped weight went unnoticed"
+    );
 }
 
 #[test]
@@ -268,7 +285,13 @@ fn statistics_are_mean_and_rstd_in_f32_for_half_inputs() {
     assert_eq!(stats.dtype(), DType::F64);
     let grouped = x.reshape((2, 2, 18)).unwrap();
     let mean = grouped.mean_keepdim(2).unwrap();
-    let var = grouped.broadcast_sub(&mean).unwrap().sqr().unwrap().mean_keepdim(2).unwrap();
+    let var = grouped
+        .broadcast_sub(&mean)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_keepdim(2)
+        .unwrap();
     let rstd = ((var + 1e-5).unwrap().sqrt().unwrap().recip()).unwrap();
     let expected = Tensor::cat(&[mean, rstd], 2).unwrap();
     assert!(rel_diff(&stats, &expected) < 1e-14);
@@ -284,14 +307,25 @@ fn channels_not_divisible_by_groups_is_an_error_naming_the_shape() {
             "unexpected error: {err}"
         );
         assert!(f(&x, 0, None, None, 1e-5).is_err(), "zero groups");
-        assert!(f(&rand(&[6], 1.0, 0.0, 96), 2, None, None, 1e-5).is_err(), "1-D input");
+        assert!(
+            f(&rand(&[6], 1.0, 0.0, 96), 2, None, None, 1e-5).is_err(),
+            "1-D input"
+        );
     }
     // A weight of the wrong length or dtype is refused by the fused op.
     let w = rand(&[4], 1.0, 0.0, 97);
-    let err = group_norm_fused(&x, 3, Some(&w), None, 1e-5).unwrap_err().to_string();
-    assert!(err.contains("weight") && err.contains("[2, 6, 4, 4]"), "{err}");
+    let err = group_norm_fused(&x, 3, Some(&w), None, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("weight") && err.contains("[2, 6, 4, 4]"),
+        "{err}"
+    );
     let w = rand(&[6], 1.0, 0.0, 98).to_dtype(DType::F32).unwrap();
-    assert!(group_norm_fused(&x, 3, Some(&w), None, 1e-5).is_err(), "dtype mismatch");
+    assert!(
+        group_norm_fused(&x, 3, Some(&w), None, 1e-5).is_err(),
+        "dtype mismatch"
+    );
 }
 
 #[test]
@@ -322,14 +356,21 @@ fn env_switch() {
             }
             "error" => {
                 let e = choice.unwrap_err().to_string();
-                assert!(e.contains("DIFFEXPLAINER_GROUP_NORM") && e.contains("composed"), "{e}");
+                assert!(
+                    e.contains("DIFFEXPLAINER_GROUP_NORM") && e.contains("composed"),
+                    "{e}"
+                );
                 assert!(r.is_err());
             }
             _ => panic!("unknown expectation {expect}"),
         }
         return;
     }
-    assert_eq!(GroupNormImpl::from_env().unwrap(), GroupNormImpl::Fused, "default");
+    assert_eq!(
+        GroupNormImpl::from_env().unwrap(),
+        GroupNormImpl::Fused,
+        "default"
+    );
     for (value, expect) in [("composed", "composed"), ("bogus", "error")] {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["env_switch", "--exact", "--nocapture"])
@@ -359,7 +400,15 @@ fn committed_ptx_is_up_to_date() {
     let ops_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops");
     let out = std::env::temp_dir().join(format!("dx_group_norm_{}.ptx", std::process::id()));
     let status = std::process::Command::new(&nvcc)
-        .current_dir(ops_dir.parent().unwrap().parent().unwrap().parent().unwrap())
+        .current_dir(
+            ops_dir
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap(),
+        )
         .args(["-ptx", "-arch=sm_80", "-o"])
         .arg(&out)
         .arg("lib/src/ops/group_norm.cu")

@@ -149,12 +149,17 @@ fn main() -> anyhow::Result<()> {
         // An offset mean, as after a convolution.
         let x = (rng.normal((1, c, hw, hw), DType::F32, &device)? + 0.5)?.to_dtype(dtype)?;
         let x = Var::from_tensor(&x)?;
-        let w = rng.normal(c, DType::F32, &device)?.affine(0.3, 1.0)?.to_dtype(dtype)?;
+        let w = rng
+            .normal(c, DType::F32, &device)?
+            .affine(0.3, 1.0)?
+            .to_dtype(dtype)?;
         let b = (rng.normal(c, DType::F32, &device)? * 0.1)?.to_dtype(dtype)?;
         let composed = time(group_norm_composed, &x, &w, &b, eps, runs, &device)?;
         let fused = time(group_norm_fused, &x, &w, &b, eps, runs, &device)?;
         // Agreement under a random output gradient.
-        let cot = rng.normal((1, c, hw, hw), DType::F32, &device)?.to_dtype(dtype)?;
+        let cot = rng
+            .normal((1, c, hw, hw), DType::F32, &device)?
+            .to_dtype(dtype)?;
         let outputs = |f: GroupNormFn| -> anyhow::Result<(Tensor, Tensor)> {
             let y = f(x.as_tensor(), GROUPS, Some(&w), Some(&b), eps)?;
             let grads = (&y * &cot)?.backward()?;

@@ -21,7 +21,9 @@
 //! `DIFFEXPLAINER_GROUP_NORM=composed` selects the composed path for A/B timing.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 
 /// Which implementation [`super::group_norm`] uses; see [`GroupNormImpl::from_env`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +70,10 @@ pub fn group_norm_fused(
     if dims.len() < 2 || num_groups == 0 || dims[1] % num_groups != 0 {
         candle_core::bail!("group_norm: input shape {dims:?} has channels (dim 1) not divisible by {num_groups} groups")
     }
-    if !matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+    if !matches!(
+        x.dtype(),
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64
+    ) {
         candle_core::bail!("group_norm (fused): unsupported dtype {:?}", x.dtype())
     }
     let channels = dims[1];
@@ -212,9 +217,7 @@ impl CustomOp1 for GroupNormStats {
         let (o1, o2) = contiguous_range(l, "the input")?;
         let stats = match s {
             CpuStorage::F16(x) => CpuStorage::F32(cpu::stats::<_, f32>(&x[o1..o2], g, self.eps)),
-            CpuStorage::BF16(x) => {
-                CpuStorage::F32(cpu::stats::<_, f32>(&x[o1..o2], g, self.eps))
-            }
+            CpuStorage::BF16(x) => CpuStorage::F32(cpu::stats::<_, f32>(&x[o1..o2], g, self.eps)),
             CpuStorage::F32(x) => CpuStorage::F32(cpu::stats::<_, f32>(&x[o1..o2], g, self.eps)),
             CpuStorage::F64(x) => CpuStorage::F64(cpu::stats::<_, f64>(&x[o1..o2], g, self.eps)),
             other => candle_core::bail!("group_norm: unsupported dtype {:?}", other.dtype()),
@@ -229,7 +232,10 @@ impl CustomOp1 for GroupNormStats {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = Geometry::new(l, self.groups)?;
-        Ok((cuda::stats(s, l, g, self.eps)?, Shape::from((g.batch, g.groups, 2))))
+        Ok((
+            cuda::stats(s, l, g, self.eps)?,
+            Shape::from((g.batch, g.groups, 2)),
+        ))
     }
 }
 
@@ -394,7 +400,10 @@ impl CustomOp3 for GroupNormBackward {
         }
         let w = self.weight.as_ref().map(Tensor::storage_and_layout);
         let w = w.as_ref().map(|(s, l)| cuda::param(s, l)).transpose()?;
-        Ok((cuda::backward(gs, gl, xs, xl, ss, sl, w, g)?, xl.shape().clone()))
+        Ok((
+            cuda::backward(gs, gl, xs, xl, ss, sl, w, g)?,
+            xl.shape().clone(),
+        ))
     }
 }
 
@@ -473,21 +482,21 @@ mod cpu {
         let (o1, o2) = super::contiguous_range(l, "an affine parameter")?;
         match s {
             Storage::Cpu(c) => Ok((c, o1, o2)),
-            _ => candle_core::bail!("group_norm: the affine parameters are not on the CPU like the input"),
+            _ => candle_core::bail!(
+                "group_norm: the affine parameters are not on the CPU like the input"
+            ),
         }
     }
 
     pub(super) fn slice<T: WithDType>(p: Option<Param<'_>>) -> Result<Option<&[T]>> {
         p.map(|(s, o1, o2)| {
-            T::cpu_storage_as_slice(s)
-                .map(|v| &v[o1..o2])
-                .map_err(|_| {
-                    candle_core::Error::Msg(format!(
-                        "group_norm: affine parameter dtype {:?}, input {:?}",
-                        s.dtype(),
-                        T::DTYPE
-                    ))
-                })
+            T::cpu_storage_as_slice(s).map(|v| &v[o1..o2]).map_err(|_| {
+                candle_core::Error::Msg(format!(
+                    "group_norm: affine parameter dtype {:?}, input {:?}",
+                    s.dtype(),
+                    T::DTYPE
+                ))
+            })
         })
         .transpose()
     }
@@ -668,11 +677,11 @@ mod cpu {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::Geometry;
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
-    use candle_core::backend::BackendStorage;
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Storage};
 
     /// nvcc's PTX for `group_norm.cu` (see its header for the command).
@@ -685,11 +694,17 @@ mod cuda {
     pub(super) fn param<'a>(s: &'a Storage, l: &'a Layout) -> Result<Param<'a>> {
         match s {
             Storage::Cuda(c) => Ok((c, l)),
-            _ => candle_core::bail!("group_norm: the affine parameters are not on the GPU like the input"),
+            _ => candle_core::bail!(
+                "group_norm: the affine parameters are not on the GPU like the input"
+            ),
         }
     }
 
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    fn view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> Result<CudaView<'a, T>> {
         let (o1, o2) = super::contiguous_range(l, what)?;
         let slice = s.as_cuda_slice::<T>().map_err(|_| {
             candle_core::Error::Msg(format!(
@@ -700,7 +715,10 @@ mod cuda {
         Ok(slice.slice(o1..o2))
     }
 
-    fn param_view<'a, T: CudaDType>(p: Option<Param<'a>>, what: &str) -> Result<Option<CudaView<'a, T>>> {
+    fn param_view<'a, T: CudaDType>(
+        p: Option<Param<'a>>,
+        what: &str,
+    ) -> Result<Option<CudaView<'a, T>>> {
         p.map(|(s, l)| view::<T>(s, l, what)).transpose()
     }
 
@@ -868,7 +886,11 @@ mod cuda {
             let (c, pg, sp) = (g.channels as i64, g.per_group() as i64, g.spatial as i64);
             let null = 0u64;
             {
-                let f = dev.get_or_load_custom_func(&format!("gn_backward_reduce_{suffix}"), MODULE, PTX)?;
+                let f = dev.get_or_load_custom_func(
+                    &format!("gn_backward_reduce_{suffix}"),
+                    MODULE,
+                    PTX,
+                )?;
                 let mut bld = f.builder();
                 bld.arg(&dy);
                 bld.arg(&x);
@@ -889,7 +911,8 @@ mod cuda {
                 unsafe { bld.launch(cfg) }.w()?;
             }
             let out = unsafe { dev.alloc::<T>(g.elems())? };
-            let f = dev.get_or_load_custom_func(&format!("gn_backward_apply_{suffix}"), MODULE, PTX)?;
+            let f =
+                dev.get_or_load_custom_func(&format!("gn_backward_apply_{suffix}"), MODULE, PTX)?;
             let mut bld = f.builder();
             bld.arg(&dy);
             bld.arg(&x);

@@ -6,7 +6,9 @@
 //! `upsample_nearest2d`'s backward overwrites instead of accumulating. Every op here is composed
 //! from candle primitives whose backward is correct (matmul, broadcast arithmetic, reductions,
 //! narrow/reshape, conv2d), so autograd is exact; each has a finite-difference test and a parity
-//! case against PyTorch (`tests/parity/cases/op_*`).
+//! case against PyTorch (`tests/parity/cases/op_*`). Exceptions with their own backward, tested
+//! against the composed versions they replace: `frozen` (input-only gradients of frozen layers),
+//! `attention` (memory-efficient), `group_norm` (fused custom ops with CPU loops and CUDA kernels).
 //!
 //! Half-precision inputs are computed in f32 where a reduction is involved (norms, softmax) and
 //! cast back, the way PyTorch's kernels accumulate.

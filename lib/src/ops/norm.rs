@@ -39,7 +39,10 @@ pub fn group_norm(
 ) -> Result<Tensor> {
     check_groups(x, num_groups)?;
     let tracked_params = weight.is_some_and(Tensor::track_op) || bias.is_some_and(Tensor::track_op);
-    let fused_dtype = matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32 | DType::F64);
+    let fused_dtype = matches!(
+        x.dtype(),
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64
+    );
     if GroupNormImpl::from_env()? == GroupNormImpl::Fused
         && !tracked_params
         && fused_dtype
