@@ -5,13 +5,16 @@
 # Built here beforehand (see docs/gpu-baseline.md):
 #   source ../shared/cuda/env.sh
 #   CARGO_TARGET_DIR=/work/target-cuda cargo build --release --features cuda -p diffexplainer \
-#       --bin diffexplainer --bin bench_iteration --bin bench_conv_grad
+#       --bin diffexplainer --bin bench_iteration --bin bench_conv_grad --bin bench_group_norm
 #   mkdir -p .device-carry && strip $T/release/diffexplainer &&
-#     gzip -c $T/release/diffexplainer > .device-carry/diffexplainer.gz (same for bench_iteration, bench_conv_grad)
+#     gzip -c $T/release/diffexplainer > .device-carry/diffexplainer.gz (same for bench_iteration,
+#     bench_conv_grad, bench_group_norm; with .whl the carry is ~60 MB of the 64 MiB limit)
 #   python3 -m pip download ... -d .whl diffusers==0.42.1 importlib_metadata   (device README)
 # Called as: bash bench/run_on_device.sh   (carry: .device-carry, .whl)
-# Budget (about 10 device minutes): parity ~2, conv-gradient table ~1, iteration A/B ~1.5,
-# ours + PyTorch per dtype ~1.5 each. Defaults: DTYPES="f16 f32", checkpointing run only with CKPT=1.
+# Budget (about 10 device minutes): parity ~2, conv-gradient table ~1, group-norm table ~0.5,
+# iteration A/Bs (conv input gradient, group norm) ~1.5 each, ours + PyTorch per dtype ~1.5 each:
+# ~9.5 with everything; DTYPES=f16 or SKIP_AB=1 keeps it under 8. Defaults: DTYPES="f16 f32",
+# checkpointing run only with CKPT=1; SKIP_PARITY, SKIP_CONV, SKIP_GN, SKIP_AB, SKIP_TORCH skip parts.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,6 +39,15 @@ done
 rm -f $OUT/conv_grad_1.txt
 fi
 
+if [ -z "${SKIP_GN:-}" ] && [ -x $bin/bench_group_norm ]; then
+echo "== group norm per shape: composed (old) vs fused CUDA kernels (new), docs/gpu-notes.md entry 4"
+for dt in f16 f32; do
+  timeout 60 bash bench/cuda-libs.sh $bin/bench_group_norm --device cuda --dtype $dt --runs 10 > $OUT/group_norm_1.txt 2>&1
+  echo "bench_group_norm $dt exit $?" | tee -a $OUT/group_norm.txt; cat $OUT/group_norm_1.txt | tee -a $OUT/group_norm.txt
+done
+rm -f $OUT/group_norm_1.txt
+fi
+
 # Peak device memory of a whole process, sampled by nvidia-smi every 50 ms (baseline subtracted).
 measure() { # name, timeout, command...
   local name=$1 limit=$2; shift 2
@@ -49,7 +61,8 @@ measure() { # name, timeout, command...
   grep -E '^\{' $OUT/run_$name.txt | tee -a $OUT/summary.jsonl
   [ $rc -eq 0 ] || tail -5 $OUT/run_$name.txt
 }
-# A/B of the conv input gradient in the whole iteration (same binary, env var only).
+# A/Bs in the whole iteration (same binary, env var only): the conv input gradient, the group norm.
+[ -n "${SKIP_AB:-}" ] || measure ours_f16_gn_composed ${OURS_LIMIT:-150} env DIFFEXPLAINER_GROUP_NORM=composed bash bench/cuda-libs.sh $bin/bench_iteration --device cuda --dtype f16 --iters ${ITERS:-3} --warmup 1
 [ -n "${SKIP_AB:-}" ] || measure ours_f16_transpose ${OURS_LIMIT:-150} env DIFFEXPLAINER_CONV_INPUT_GRAD=transpose bash bench/cuda-libs.sh $bin/bench_iteration --device cuda --dtype f16 --iters ${ITERS:-3} --warmup 1
 for dt in ${DTYPES:-f16 f32}; do
   tdt=$(echo $dt | sed 's/^f16$/float16/; s/^f32$/float32/; s/^bf16$/bfloat16/')

@@ -6,7 +6,9 @@
 //! `upsample_nearest2d`'s backward overwrites instead of accumulating. Every op here is composed
 //! from candle primitives whose backward is correct (matmul, broadcast arithmetic, reductions,
 //! narrow/reshape, conv2d), so autograd is exact; each has a finite-difference test and a parity
-//! case against PyTorch (`tests/parity/cases/op_*`).
+//! case against PyTorch (`tests/parity/cases/op_*`). Exceptions with their own backward, tested
+//! against the composed versions they replace: `frozen` (input-only gradients of frozen layers),
+//! `attention` (memory-efficient), `group_norm` (fused custom ops with CPU loops and CUDA kernels).
 //!
 //! Half-precision inputs are computed in f32 where a reduction is involved (norms, softmax) and
 //! cast back, the way PyTorch's kernels accumulate.
@@ -14,6 +16,7 @@
 pub mod activation;
 pub mod attention;
 pub mod frozen;
+pub mod group_norm;
 pub mod norm;
 pub mod pool;
 pub mod resize;
@@ -25,7 +28,8 @@ pub use frozen::{
     conv2d, conv2d_input_grad, conv2d_no_bias, linear, linear_no_bias, Conv2d, Conv2dConfig,
     ConvInputGrad, Linear,
 };
-pub use norm::{group_norm, layer_norm, BatchNorm2d, GroupNorm, LayerNorm};
+pub use group_norm::{group_norm_fused, GroupNormImpl};
+pub use norm::{group_norm, group_norm_composed, layer_norm, BatchNorm2d, GroupNorm, LayerNorm};
 pub use pool::{adaptive_avg_pool2d, avg_pool2d, max_pool2d};
 pub use resize::{resize_bilinear, upsample_nearest2x};
 pub use softmax::{log_softmax_last_dim, softmax_last_dim};

@@ -1,9 +1,10 @@
 //! Normalization layers, composed from reductions so that autograd is exact (candle's fused
 //! `layer_norm` records no backward).
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::group_norm::{group_norm_fused, GroupNormImpl};
 use super::in_f32;
 
 /// Normalizes over the last dimension, then applies the optional affine `weight`, `bias`.
@@ -23,6 +24,12 @@ pub fn layer_norm(
 
 /// Group normalization of `[batch, channels, ...]`: statistics over each group of
 /// `channels / num_groups` channels and all spatial positions; per-channel affine.
+///
+/// Runs the fused custom ops of [`super::group_norm`] (the graph keeps only the input and the
+/// per-group statistics), unless `DIFFEXPLAINER_GROUP_NORM=composed` (see
+/// [`GroupNormImpl::from_env`]) or the weight or bias is tracked (a `Var` or derived from one):
+/// the fused backward computes only the input's gradient, so tracked parameters take
+/// [`group_norm_composed`], whose autograd covers them.
 pub fn group_norm(
     x: &Tensor,
     num_groups: usize,
@@ -30,10 +37,42 @@ pub fn group_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    if dims.len() < 2 || dims[1] % num_groups != 0 {
+    check_groups(x, num_groups)?;
+    let tracked_params = weight.is_some_and(Tensor::track_op) || bias.is_some_and(Tensor::track_op);
+    let fused_dtype = matches!(
+        x.dtype(),
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64
+    );
+    if GroupNormImpl::from_env()? == GroupNormImpl::Fused
+        && !tracked_params
+        && fused_dtype
+        && x.elem_count() > 0
+    {
+        group_norm_fused(x, num_groups, weight, bias, eps)
+    } else {
+        group_norm_composed(x, num_groups, weight, bias, eps)
+    }
+}
+
+fn check_groups(x: &Tensor, num_groups: usize) -> Result<()> {
+    let dims = x.dims();
+    if dims.len() < 2 || num_groups == 0 || dims[1] % num_groups != 0 {
         candle_core::bail!("group_norm: input shape {dims:?} has channels (dim 1) not divisible by {num_groups} groups")
     }
+    Ok(())
+}
+
+/// [`group_norm`] composed from candle tensor ops in f32 (the original implementation): the
+/// reference for the fused ops' tests, and the path for tracked weight/bias.
+pub fn group_norm_composed(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    check_groups(x, num_groups)?;
+    let dims = x.dims().to_vec();
     let y = in_f32(x, |x| {
         let grouped = x.reshape((dims[0], num_groups, ()))?;
         let centered = grouped.broadcast_sub(&grouped.mean_keepdim(D::Minus1)?)?;
