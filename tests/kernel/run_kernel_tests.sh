@@ -23,9 +23,10 @@ rustup component add rust-src >/dev/null 2>&1 || echo "warning: could not add ru
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-# jupyterlab, playwright (its driver only: the browser is Debian's chromium), pillow: browser test
+# jupyterlab (4: the browser test uses its CSS classes), playwright (its driver only: the browser
+# is Debian's chromium), pillow: for the browser test
 time "$VENV/bin/pip" install -q jupyter_kernel_test nbclient nbformat jupyter_client pyzmq \
-  jupyterlab playwright pillow
+  "jupyterlab>=4,<5" playwright pillow
 
 time cargo build --release -p diffexplainer-kernel
 # The kernelspec points at a copy in the venv, so that another build into a shared target dir
