@@ -69,7 +69,8 @@ CHROMIUM_ARGS = [
 # JupyterLab 4 without anything that reaches the network: no news feed, no update check, no
 # PyPI extension listing, and the announcements plugin (which asks about news) disabled.
 SERVER_CONFIG = {
-    "ServerApp": {"open_browser": False, "disable_check_xsrf": True, "terminals_enabled": False},
+    "ServerApp": {"open_browser": False, "disable_check_xsrf": True, "terminals_enabled": False,
+                  "log_level": "DEBUG"},  # jupyterlab.log: kernel nudges and status messages
     "IdentityProvider": {"token": ""},
     "LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
                "extension_manager": "readonly"},
@@ -251,7 +252,7 @@ class BrowserTest(unittest.TestCase):
         for s in http("GET", self.base + "/api/sessions")[1]:
             http("DELETE", self.base + f"/api/sessions/{s['id']}")
 
-    def wait_for_kernel(self):
+    def wait_for_kernel(self, page):
         """JupyterLab opened the notebook with our kernel (from the venv's kernelspec) and the
         kernel answered it (the server leaves `starting` on the kernel's first status message)."""
         deadline = time.time() + 90
@@ -263,20 +264,16 @@ class BrowserTest(unittest.TestCase):
             if time.time() > deadline:
                 self.fail(f"JupyterLab's session for the notebook did not reach idle with kernel "
                           f"{KERNEL} in 90 s: (kernel, state) = {states}")
-            time.sleep(0.5)
+            page.wait_for_timeout(500)  # (keeps Playwright's event loop running)
 
     def open_notebook(self, browser, name, want_images, while_open=None):
         page = browser.new_page()
-        blocked = []
-
-        def route(r):
-            if r.request.url.startswith(self.base + "/") or r.request.url.startswith("data:"):
-                r.continue_()
-            else:
-                blocked.append(r.request.url)
-                r.abort()
-
-        page.route("**/*", route)
+        # Chromium resolves no host but 127.0.0.1 (CHROMIUM_ARGS); log any other request. A
+        # listener, not page.route: routed requests wait for Python to pump Playwright's event
+        # loop, which stalls the page (its kernel websocket included) while the test waits.
+        outside = []
+        page.on("request", lambda r: None if r.url.startswith((self.base + "/", "data:", "blob:"))
+                else outside.append(r.url))
         try:
             page.goto(f"{self.base}/lab/tree/{name}?reset", wait_until="domcontentloaded", timeout=120_000)
             # the notebook's source is rendered (both code cells)
@@ -294,8 +291,8 @@ class BrowserTest(unittest.TestCase):
                     break  # (no images expected: give the page 5 s more to render anything)
                 if time.time() > deadline:
                     break
-                time.sleep(0.25)
-            time.sleep(1)  # let layout settle (scrollbars, toolbar)
+                page.wait_for_timeout(250)
+            page.wait_for_timeout(1000)  # let layout settle (scrollbars, toolbar)
             self.dismiss_dialogs(page)
             shot = os.path.join(OUT_DIR, name.replace(".ipynb", ".png"))
             page.screenshot(path=shot)
@@ -306,9 +303,9 @@ class BrowserTest(unittest.TestCase):
                 " return {x0: r.left, y0: r.top, x1: r.right, y1: r.bottom, w: i.naturalWidth,"
                 " h: i.naturalHeight, result: !!i.closest('.jp-OutputArea-executeResult')}; })")
             if while_open:
-                while_open()
-            if blocked:
-                print(f"  blocked non-local requests: {blocked}", flush=True)
+                while_open(page)
+            if outside:
+                print(f"  non-local requests (not resolved): {outside}", flush=True)
             return shot, boxes
         finally:
             page.close()
