@@ -3,9 +3,14 @@
 # kernelspec into a private virtualenv, warms evcxr's build cache, then runs
 #   - jupyter_kernel_test (Jupyter's conformance suite),
 #   - protocol tests (signatures, display updates, interrupt, panics, compile errors),
-#   - nbclient notebook execution.
+#   - nbclient notebook execution,
+#   - the browser test: JupyterLab on 127.0.0.1 and Debian's chromium (headless, via Playwright)
+#     rendering an executed notebook, asserted on the screenshot's pixels (needs /usr/bin/chromium:
+#     `apt-get install chromium`; .ci/run installs it).
 # Env: CARGO_TARGET_DIR (default target/), KERNEL_TEST_VENV (default $CARGO_TARGET_DIR/kernel-venv),
-#      DIFFEXPLAINER_KERNEL_CACHE (evcxr's shared build dir; default ~/.cache/diffexplainer-kernel).
+#      DIFFEXPLAINER_KERNEL_CACHE (evcxr's shared build dir; default ~/.cache/diffexplainer-kernel),
+#      KERNEL_BROWSER_TEST=0 to skip the browser test, CHROMIUM (default /usr/bin/chromium),
+#      BROWSER_TEST_OUT (screenshots; default $CARGO_TARGET_DIR/browser-test).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
@@ -18,10 +23,16 @@ rustup component add rust-src >/dev/null 2>&1 || echo "warning: could not add ru
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q jupyter_kernel_test nbclient nbformat jupyter_client pyzmq
+# jupyterlab (4: the browser test uses its CSS classes), playwright (its driver only: the browser
+# is Debian's chromium), pillow: for the browser test
+time "$VENV/bin/pip" install -q jupyter_kernel_test nbclient nbformat jupyter_client pyzmq \
+  "jupyterlab>=4,<5" playwright pillow
 
 time cargo build --release -p diffexplainer-kernel
-BIN="$TARGET/release/diffexplainer-kernel"
+# The kernelspec points at a copy in the venv, so that another build into a shared target dir
+# cannot swap the binary under the running tests.
+BIN="$VENV/bin/diffexplainer-kernel"
+cp "$TARGET/release/diffexplainer-kernel" "$BIN.new" && mv -f "$BIN.new" "$BIN"
 "$BIN" install --prefix "$VENV" --name "$DIFFEXPLAINER_KERNEL_NAME" --display-name "Rust (diffexplainer, test)"
 
 echo "== warming evcxr's build cache (compiles the library once) =="
@@ -30,4 +41,20 @@ time "$BIN" warm
 export JUPYTER_PATH="$VENV/share/jupyter"
 export JUPYTER_PLATFORM_DIRS=1
 cd "$ROOT/tests/kernel"
-"$VENV/bin/python" -m unittest -v test_kernel_spec.py test_protocol.py test_notebooks.py test_rich_types.py
+rc=0
+"$VENV/bin/python" -m unittest -v test_kernel_spec.py test_protocol.py test_notebooks.py test_rich_types.py || rc=$?
+
+if [ "${KERNEL_BROWSER_TEST:-1}" = 0 ]; then
+  echo "== browser test skipped (KERNEL_BROWSER_TEST=0) =="
+else
+  echo "== browser test (JupyterLab + headless chromium) =="
+  # A hard limit on top of the test's own timeouts (it takes ~1 min). `timeout` signals the
+  # process group: JupyterLab shuts down the kernels it started, chromium exits with Playwright's
+  # driver, and the test's own cleanup (SIGTERM handler) shuts down nbclient's kernel.
+  export BROWSER_TEST_OUT=${BROWSER_TEST_OUT:-$TARGET/browser-test}
+  brc=0
+  timeout -k 30 600 "$VENV/bin/python" -m unittest -v test_browser.py || brc=$?
+  [ "$brc" = 124 ] && echo "browser test: timed out after 600 s (see $BROWSER_TEST_OUT/jupyterlab.log)"
+  [ "$brc" = 0 ] || rc=$brc
+fi
+exit $rc
