@@ -389,14 +389,17 @@ fn env_switch() {
 }
 
 /// The committed PTX is what nvcc makes from group_norm.cu (same command as in its header), and
-/// ptxas assembles it for sm_90. Skipped, with a note, where nvcc is not installed.
+/// ptxas assembles it for sm_90. Needs the CUDA toolchain (`../shared/cuda/setup.sh`; `NVCC` to
+/// point elsewhere), which CI does not install, so it is ignored there (reported as ignored, not
+/// passed): `cargo test --release --test group_norm -- --ignored`.
 #[test]
+#[ignore = "needs nvcc (CUDA toolchain)"]
 fn committed_ptx_is_up_to_date() {
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "/opt/cuda13/nvidia/cu13/bin/nvcc".into());
-    if !std::path::Path::new(&nvcc).exists() {
-        println!("skipped: no nvcc at {nvcc}");
-        return;
-    }
+    assert!(
+        std::path::Path::new(&nvcc).exists(),
+        "no nvcc at {nvcc}: install the CUDA toolchain or set NVCC"
+    );
     let ops_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops");
     let out = std::env::temp_dir().join(format!("dx_group_norm_{}.ptx", std::process::id()));
     let status = std::process::Command::new(&nvcc)
