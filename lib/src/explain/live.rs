@@ -2,12 +2,18 @@
 //! (iteration, loss, target probability, the activation curve, the latest images), and the
 //! renderings of its results ([`Optimized`], [`TextualExplanation`]) as a cell's last expression.
 //!
-//! ```ignore
+//! ```no_run
+//! # use diffexplainer::explain::*;
+//! # fn main() -> anyhow::Result<()> {
+//! # let pipeline = DiffusionPipeline::new(ModelBundle::tiny_random(0)?, PipelineOptions::default())?;
+//! # let mut prompt = pipeline.new_prompt("A texture of {}", 1, &SoftPromptInit::Random { seed: 0 })?;
+//! # let (config, cancel) = (OptimizeConfig::default(), CancelToken::new());
 //! let mut live = LiveView::new("class 3");
-//! let result = optimize(&pipeline, &mut prompt, &objective, Some(3), &config, &cancel,
+//! let result = optimize(&pipeline, &mut prompt, &Objective::logit(3), Some(3), &config, &cancel,
 //!     |m, images| live.observe(m, images))?;
 //! live.finish(&result);
-//! result   // renders the best images and the curves
+//! // In a notebook, `result` as a cell's last expression renders the best images and curves.
+//! # Ok(()) }
 //! ```
 
 use std::fmt::Write as _;
