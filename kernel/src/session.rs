@@ -56,6 +56,7 @@ impl Session {
         if lock.exists() {
             let _ = std::fs::copy(&lock, dir.join("Cargo.lock"));
         }
+        write_cargo_patch(&root)?;
         let interrupt_file = dir.join("interrupt");
         // Edition 2021: set_var is safe; no other thread exists yet.
         std::env::set_var("EVCXR_TMPDIR", &dir);
@@ -103,6 +104,32 @@ impl Session {
     pub fn cleanup(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The workspace's `[patch.crates-io]` for evcxr's builds: the vendored candle-core whose tensor
+/// ids are unique per process. Every cell links its own copy of candle; with stock candle each
+/// copy counts tensor ids from 1 and a graph spanning cells mixes up nodes (vendor/README.md).
+/// Cargo merges `.cargo/config.toml` from the build dir and all its parents; evcxr rewrites the
+/// one in the session dir, so this one goes in the cache root, above every session. Written
+/// through a temporary file and a rename, as concurrent kernels may write it at once.
+fn write_cargo_patch(dir: &Path) -> Result<()> {
+    let vendored = lib_path().join("..").join("vendor").join("candle-core");
+    let vendored = vendored.canonicalize().with_context(|| {
+        format!(
+            "{}: the vendored candle-core is missing (the kernel needs the repository it was built from)",
+            vendored.display()
+        )
+    })?;
+    let cargo_dir = dir.join(".cargo");
+    std::fs::create_dir_all(&cargo_dir)?;
+    let config = format!(
+        "[patch.crates-io]\ncandle-core = {{ path = {:?} }}\n",
+        vendored.to_string_lossy()
+    );
+    let path = cargo_dir.join("config.toml");
+    let tmp = cargo_dir.join(format!("config.toml.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, config).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Removes session directories left by kernels that are gone (Linux: no /proc/<pid>).

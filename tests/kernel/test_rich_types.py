@@ -92,6 +92,35 @@ class RichTypesTests(unittest.TestCase):
         self.assertIn("prompt: A texture of", data["text/plain"])
 
 
+class CrossCellGraphTests(unittest.TestCase):
+    """Tensors made in different cells share one graph correctly. evcxr links a copy of candle
+    into every cell; with stock candle each copy numbered tensors from 1, so ids collided across
+    cells and backprop mixed up nodes (vendor/README.md)."""
+
+    def test_tensor_ids_are_unique_across_cells_and_backprop_spans_cells(self):
+        cells = [
+            'format!("{:?}", Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().id())',
+            'format!("{:?}", Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().id())',
+            # a variable and many weights in one cell ...
+            "let v = candle_core::Var::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();\n"
+            "let ws: Vec<Tensor> = (0..50).map(|_| Tensor::new(&[2f32, 1., 0.5], &Device::Cpu).unwrap()).collect();",
+            # ... the graph and its backward in the next
+            "let mut y = v.as_tensor().clone();\n"
+            "for w in &ws { y = (y * w).unwrap().affine(0.5, 0.0).unwrap(); }\n"
+            "let g = y.sum_all().unwrap().backward().unwrap();\n"
+            'format!("{:?}", g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap())',
+        ]
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+        NotebookClient(nb, timeout=600, kernel_name=KERNEL).execute()
+        ids = [nb.cells[i].outputs[0]["data"]["text/plain"] for i in (0, 1)]
+        self.assertNotEqual(ids[0], ids[1], "tensor ids restart in every cell")
+        grad = [float(x) for x in nb.cells[3].outputs[0]["data"]["text/plain"].strip('"[]').split(",")]
+        # d/dv of sum(v * prod(w) * 0.5^50) = (2, 1, 0.5)^50 * 0.5^50.
+        expected = [1.0, 0.5**50, 0.25**50]
+        for got, want in zip(grad, expected):
+            self.assertAlmostEqual(got / want, 1.0, places=4)
+
+
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "notebooks")
 
 
