@@ -364,7 +364,7 @@ impl CustomOp1 for FusedBackward {
         let (ks, kl) = self.k.storage_and_layout();
         let (vs, vl) = self.v.storage_and_layout();
         let (ps, pl) = self.packed.storage_and_layout();
-        g.check(&ql, &kl, &vl)?;
+        g.check(ql, kl, vl)?;
         fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
             match s {
                 candle_core::Storage::Cpu(c) => Ok(c),
@@ -374,10 +374,10 @@ impl CustomOp1 for FusedBackward {
         let (qs, ks, vs, ps) = (cpu(&qs)?, cpu(&ks)?, cpu(&vs)?, cpu(&ps)?);
         let r = |l: &Layout, w: &str| contiguous_range(l, w);
         let ((q1, q2), (k1, k2), (v1, v2), (p1, p2), (g1, g2)) = (
-            r(&ql, "q")?,
-            r(&kl, "k")?,
-            r(&vl, "v")?,
-            r(&pl, "the forward result")?,
+            r(ql, "q")?,
+            r(kl, "k")?,
+            r(vl, "v")?,
+            r(pl, "the forward result")?,
             r(gl, "the output gradient")?,
         );
         macro_rules! run {
@@ -770,7 +770,7 @@ mod cuda {
         g: Geometry,
     ) -> Result<CudaStorage> {
         check(g)?;
-        fn launch<T: CudaDType + DeviceRepr>(
+        fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(
             _: &CudaSlice<T>,
             qs: &CudaStorage,
             ql: &Layout,
@@ -828,7 +828,7 @@ mod cuda {
         g: Geometry,
     ) -> Result<CudaStorage> {
         check(g)?;
-        fn launch<T: CudaDType + DeviceRepr>(
+        fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(
             _: &CudaSlice<T>,
             (qs, ql): Arg<'_>,
             (ks, kl): Arg<'_>,
