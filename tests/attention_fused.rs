@@ -263,6 +263,42 @@ fn cpu_dispatch_keeps_the_blockwise_path() {
     assert_eq!(rel(&y, &blockwise), 0.0);
 }
 
+/// The CUDA kernels themselves (attention.cu, unchanged) under a CPU emulation of the CUDA
+/// execution model (tests/kernel_emulation: a thread per CUDA thread, barriers for
+/// __syncthreads and the shuffles, the launch geometry of the Rust launches), against a plain f64
+/// attention: o, the log-sum-exp, dq, dk, dv for f32/f16/bf16, every head-dim variant, causal
+/// and not, partial tiles, k_len 77 and 1. Needs g++ >= 12 (C++20, _Float16) and takes about a
+/// minute and a half on 2 cores: `cargo test --release --test attention_fused -- --ignored`.
+#[test]
+#[ignore = "needs g++ >= 12; slow (about 90 s)"]
+fn kernels_under_cpu_emulation() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let exe = std::env::temp_dir().join(format!("dx_attention_emu_{}", std::process::id()));
+    let status = std::process::Command::new(std::env::var("CXX").unwrap_or_else(|_| "g++".into()))
+        .current_dir(&root)
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-pthread",
+            "-I",
+            "tests/kernel_emulation/include",
+        ])
+        .arg("tests/kernel_emulation/attention_emu.cpp")
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .unwrap();
+    assert!(status.success(), "g++ failed on attention_emu.cpp");
+    let out = std::process::Command::new(&exe).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    let _ = std::fs::remove_file(&exe);
+    assert!(
+        out.status.success() && text.contains("all cases ok"),
+        "{text}"
+    );
+}
+
 /// The committed PTX is nvcc's output for attention.cu and ptxas assembles it for sm_90. Needs
 /// nvcc (`/opt/cuda13/nvidia/cu13/bin/nvcc`, or set NVCC), which CI does not install:
 /// `cargo test --release --test attention_fused -- --ignored`.
