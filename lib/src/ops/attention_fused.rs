@@ -422,18 +422,18 @@ impl CustomOp1 for FusedBackward {
         let (ks, kl) = self.k.storage_and_layout();
         let (vs, vl) = self.v.storage_and_layout();
         let (ps, pl) = self.packed.storage_and_layout();
-        g.check(&ql, &kl, &vl)?;
-        fn cuda(s: &candle_core::Storage) -> Result<&candle_core::CudaStorage> {
+        g.check(ql, kl, vl)?;
+        fn on_gpu(s: &candle_core::Storage) -> Result<&candle_core::CudaStorage> {
             match s {
                 candle_core::Storage::Cuda(c) => Ok(c),
                 _ => candle_core::bail!("fused attention backward: inputs on different devices"),
             }
         }
         let out = cuda::backward(
-            (cuda(&qs)?, &ql),
-            (cuda(&ks)?, &kl),
-            (cuda(&vs)?, &vl),
-            (cuda(&ps)?, &pl),
+            (on_gpu(&qs)?, ql),
+            (on_gpu(&ks)?, kl),
+            (on_gpu(&vs)?, vl),
+            (on_gpu(&ps)?, pl),
             (gs, gl),
             g,
         )?;
@@ -770,6 +770,7 @@ mod cuda {
         g: Geometry,
     ) -> Result<CudaStorage> {
         check(g)?;
+        #[allow(clippy::too_many_arguments)]
         fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(
             _: &CudaSlice<T>,
             qs: &CudaStorage,
@@ -806,7 +807,6 @@ mod cuda {
             b.arg(&causal);
             b.arg(&scale_log2);
             unsafe { b.launch(grid(g.q_len, BQ, g)) }.w()?;
-            drop((o, lse));
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
         match &qs.slice {
@@ -925,7 +925,6 @@ mod cuda {
                 b.arg(&scale);
                 unsafe { b.launch(grid(g.q_len, BQ, g)) }.w()?;
             }
-            drop((dq, dk, dv));
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
         match &q.0.slice {
