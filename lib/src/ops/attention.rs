@@ -8,9 +8,14 @@
 //! block's probabilities to form `dq`, `dk`, `dv` (the recomputation trick of FlashAttention,
 //! here with ordinary tensor ops). The graph keeps only q, k, v and the output: at 64² latents
 //! that is megabytes per layer instead of gigabytes of stored scores.
+//!
+//! On CUDA, `DIFFEXPLAINER_ATTENTION=fused` replaces the memory-efficient path (no mask or
+//! causal only; f16/bf16/f32; head dim <= 160) with the fused kernels of
+//! [`super::attention_fused`]. Opt-in until a GPU has run them; the CPU never uses them.
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::attention_fused::{fused_attention, fused_supported, AttentionImpl};
 use super::softmax_last_dim;
 
 /// What to add to the attention scores before the softmax.
@@ -41,6 +46,21 @@ pub fn scaled_dot_product_attention(
     };
     let inputs_tracked = q.track_op() || k.track_op() || v.track_op();
     if inputs_tracked && !mask_tracked {
+        // Opt-in fused kernels on CUDA (DIFFEXPLAINER_ATTENTION=fused); never on the CPU, never
+        // with an additive mask.
+        let causal = match mask {
+            AttentionMask::None => Some(false),
+            AttentionMask::Causal => Some(true),
+            _ => None,
+        };
+        if let Some(causal) = causal {
+            if q.device().is_cuda()
+                && AttentionImpl::from_env()? == AttentionImpl::Fused
+                && fused_supported(q, k, v)
+            {
+                return fused_attention(q, k, v, causal, scale);
+            }
+        }
         // Blocks of about 64M score elements (256 MB in f32) at a time.
         let (b, h, _, _) = q.dims4()?;
         let k_len = k.dim(2)?;

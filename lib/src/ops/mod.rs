@@ -15,6 +15,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod attention_fused;
 pub mod frozen;
 pub mod group_norm;
 pub mod norm;
