@@ -25,24 +25,30 @@ impl TensorId {
 }
 
 /// The process-wide id counter: the first copy of this crate to need it leaks one and publishes
-/// its address in an environment variable; every later copy adopts it (one lookup per copy).
+/// `<pid>:<address>` in an environment variable; every later copy in the same process adopts it
+/// (one lookup per copy). The pid guards against child processes, which inherit the variable
+/// but not the memory it points to.
 fn process_counter() -> &'static std::sync::atomic::AtomicUsize {
     use std::sync::atomic::AtomicUsize;
     use std::sync::OnceLock;
     const ENV: &str = "CANDLE_TENSOR_ID_COUNTER_ADDR";
     static THIS_COPY: OnceLock<&'static AtomicUsize> = OnceLock::new();
     THIS_COPY.get_or_init(|| {
-        let published = std::env::var(ENV)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&addr| addr != 0 && addr % std::mem::align_of::<AtomicUsize>() == 0);
+        let pid = std::process::id();
+        let published = std::env::var(ENV).ok().and_then(|v| {
+            let (owner, addr) = v.split_once(':')?;
+            let addr = addr.parse::<usize>().ok()?;
+            let aligned = addr != 0 && addr % std::mem::align_of::<AtomicUsize>() == 0;
+            (owner.parse::<u32>().ok()? == pid && aligned).then_some(addr)
+        });
         match published {
-            // SAFETY: the address was published by a copy of this function in this process and
-            // points to a leaked (never freed) AtomicUsize.
+            // SAFETY: the address was published by a copy of this function in this very process
+            // (the pid matches) and points to a leaked, never freed AtomicUsize.
             Some(addr) => unsafe { &*(addr as *const AtomicUsize) },
             None => {
                 let counter: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(1)));
-                std::env::set_var(ENV, (counter as *const AtomicUsize as usize).to_string());
+                let addr = counter as *const AtomicUsize as usize;
+                std::env::set_var(ENV, format!("{pid}:{addr}"));
                 counter
             }
         }
