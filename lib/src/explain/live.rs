@@ -189,12 +189,7 @@ impl LiveView {
             "</div><div style=\"display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start\">",
         );
         if let Some(images) = images {
-            let grid = batch_grid(images)?;
-            let _ = write!(
-                html,
-                "<img alt=\"latest images\" style=\"max-width:512px\" src=\"data:image/png;base64,{}\"/>",
-                grid.get("image/png").unwrap_or_default()
-            );
+            html.push_str(&img_tag("latest images", &batch_grid(images)?));
         }
         let svg = activation_chart(&self.history).size(480, 270).to_svg()?;
         let _ = write!(
@@ -207,8 +202,14 @@ impl LiveView {
     }
 }
 
-/// A batch (N, C, H, W) or one image as a grid of up to 4 per row.
-fn batch_grid(images: &Tensor) -> anyhow::Result<Display> {
+/// A batch (N, C, H, W) or one image as a grid of up to 4 per row, 2 px apart.
+struct Grid {
+    /// The PNG, base64.
+    png: String,
+    width: usize,
+}
+
+fn batch_grid(images: &Tensor) -> anyhow::Result<Grid> {
     let images = display_ready(images)?;
     let list: Vec<Tensor> = match images.rank() {
         4 => (0..images.dim(0)?)
@@ -216,7 +217,29 @@ fn batch_grid(images: &Tensor) -> anyhow::Result<Display> {
             .collect::<candle_core::Result<_>>()?,
         _ => vec![images],
     };
-    Ok(display::image_grid(&list, 4, 2)?)
+    let cols = list.len().clamp(1, 4);
+    let width = cols * list[0].dim(candle_core::D::Minus1)? + (cols - 1) * 2;
+    let png = display::image_grid(&list, 4, 2)?
+        .get("image/png")
+        .unwrap_or_default()
+        .to_string();
+    Ok(Grid { png, width })
+}
+
+/// An `<img>` for a grid: small images (the tiny models make 32²) are scaled up by a whole
+/// factor with crisp pixels; large ones are capped at 512 px wide.
+fn img_tag(alt: &str, grid: &Grid) -> String {
+    let style = if grid.width > 0 && grid.width < 256 {
+        let scale = 256usize.div_ceil(grid.width);
+        format!("width:{}px;image-rendering:pixelated", grid.width * scale)
+    } else {
+        "max-width:512px".to_string()
+    };
+    format!(
+        "<img alt=\"{}\" style=\"{style}\" src=\"data:image/png;base64,{}\"/>",
+        html_escape(alt),
+        grid.png
+    )
 }
 
 /// Images moved to the CPU as f32 (the grid encoder reads them there).
@@ -238,13 +261,13 @@ impl Optimized {
             self.best_iteration
         );
         let grid = batch_grid(&self.best_images)?;
-        let png = grid.get("image/png").unwrap_or_default().to_string();
         let mut html = format!(
             "<div class=\"diffexplainer-result\"><div>{}</div>\
-             <div style=\"display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start\">\
-             <img alt=\"best images\" style=\"max-width:512px\" src=\"data:image/png;base64,{png}\"/>",
-            html_escape(&summary)
+             <div style=\"display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start\">{}",
+            html_escape(&summary),
+            img_tag("best images", &grid)
         );
+        let png = grid.png;
         let mut charts = vec![activation_chart(&self.metrics)];
         charts.extend(probability_chart(&self.metrics));
         for chart in &charts {
@@ -328,12 +351,8 @@ impl RunRecord {
         html.push_str("<div style=\"display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start\">");
         if self.summary.is_some() {
             let grid = batch_grid(&self.best_images()?)?;
-            let png = grid.get("image/png").unwrap_or_default().to_string();
-            let _ = write!(
-                html,
-                "<img alt=\"best images\" style=\"max-width:512px\" src=\"data:image/png;base64,{png}\"/>"
-            );
-            display = display.with("image/png", png);
+            html.push_str(&img_tag("best images", &grid));
+            display = display.with("image/png", grid.png);
         }
         if !self.objectives.is_empty() {
             let chart = LineChart::new("objective per iteration")
@@ -413,6 +432,11 @@ mod tests {
         );
         let html = d.get("text/html").unwrap();
         assert!(html.contains("data:image/png;base64,iVBORw0KGgo"));
+        // Two 8-pixel images side by side (18 px) are scaled up 15x with crisp pixels.
+        assert!(
+            html.contains("width:270px;image-rendering:pixelated"),
+            "{html}"
+        );
         assert!(html.contains("data:image/svg+xml;base64,"));
         Ok(())
     }
