@@ -49,13 +49,11 @@ impl AttentionImpl {
         static CHOICE: std::sync::OnceLock<std::result::Result<AttentionImpl, String>> =
             std::sync::OnceLock::new();
         CHOICE
-            .get_or_init(|| match std::env::var(Self::ENV).as_deref() {
-                Err(_) | Ok("") | Ok("blockwise") => Ok(Self::Blockwise),
-                Ok("fused") => Ok(Self::Fused),
-                Ok(other) => Err(format!(
-                    "{}=`{other}`: expected blockwise (default) or fused",
-                    Self::ENV
-                )),
+            .get_or_init(|| {
+                super::env_choice(
+                    Self::ENV,
+                    &[("blockwise", Self::Blockwise), ("fused", Self::Fused)],
+                )
             })
             .clone()
             .map_err(candle_core::Error::Msg)

@@ -201,14 +201,15 @@ impl ConvInputGrad {
         static METHOD: std::sync::OnceLock<std::result::Result<ConvInputGrad, String>> =
             std::sync::OnceLock::new();
         METHOD
-            .get_or_init(|| match std::env::var(Self::ENV).as_deref() {
-                Err(_) | Ok("") | Ok("polyphase") => Ok(Self::Polyphase),
-                Ok("zero-insertion") => Ok(Self::ZeroInsertion),
-                Ok("transpose") => Ok(Self::Transpose),
-                Ok(other) => Err(format!(
-                    "{}=`{other}`: expected polyphase (default), zero-insertion or transpose",
-                    Self::ENV
-                )),
+            .get_or_init(|| {
+                super::env_choice(
+                    Self::ENV,
+                    &[
+                        ("polyphase", Self::Polyphase),
+                        ("zero-insertion", Self::ZeroInsertion),
+                        ("transpose", Self::Transpose),
+                    ],
+                )
             })
             .clone()
             .map_err(candle_core::Error::Msg)

@@ -44,13 +44,11 @@ impl GroupNormImpl {
         static CHOICE: std::sync::OnceLock<std::result::Result<GroupNormImpl, String>> =
             std::sync::OnceLock::new();
         CHOICE
-            .get_or_init(|| match std::env::var(Self::ENV).as_deref() {
-                Err(_) | Ok("") | Ok("fused") => Ok(Self::Fused),
-                Ok("composed") => Ok(Self::Composed),
-                Ok(other) => Err(format!(
-                    "{}=`{other}`: expected fused (default) or composed",
-                    Self::ENV
-                )),
+            .get_or_init(|| {
+                super::env_choice(
+                    Self::ENV,
+                    &[("fused", Self::Fused), ("composed", Self::Composed)],
+                )
             })
             .clone()
             .map_err(candle_core::Error::Msg)

@@ -37,6 +37,28 @@ pub use softmax::{log_softmax_last_dim, softmax_last_dim};
 
 use candle_core::{DType, Result, Tensor};
 
+/// An implementation switch read from the environment variable `name` (for A/B timing):
+/// unset or empty gives the first choice, a listed name gives its value, anything else an error
+/// naming the valid ones. Callers keep the result in a `OnceLock` so it is read once per process.
+pub(crate) fn env_choice<T: Copy>(
+    name: &str,
+    choices: &[(&str, T)],
+) -> std::result::Result<T, String> {
+    let names = || {
+        let mut list: Vec<String> = choices.iter().map(|(n, _)| n.to_string()).collect();
+        list[0].push_str(" (default)");
+        list.join(", ")
+    };
+    match std::env::var(name).as_deref() {
+        Err(_) | Ok("") => Ok(choices[0].1),
+        Ok(value) => choices
+            .iter()
+            .find(|(n, _)| *n == value)
+            .map(|&(_, v)| v)
+            .ok_or_else(|| format!("{name}=`{value}`: expected one of {}", names())),
+    }
+}
+
 /// Runs `f` in f32 when `x` is half precision, casting the result back to `x`'s dtype.
 pub(crate) fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     match x.dtype() {
