@@ -12,16 +12,12 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use diffexplainer::ops::{conv2d_input_grad, Conv2dConfig, ConvInputGrad};
 use diffexplainer::rng::SeededRng;
 
-fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-}
+mod common;
+use common::{arg, device_and_dtype};
 
 /// One convolution of the iteration: name, in/out channels, kernel, stride, padding, input size.
 struct Shape {
@@ -75,17 +71,7 @@ const SHAPES: &[Shape] = &[
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let device = match arg(&args, "--device").unwrap_or("cpu") {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        other => anyhow::bail!("unknown device `{other}`"),
-    };
-    let dtype = match arg(&args, "--dtype").unwrap_or("f32") {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => anyhow::bail!("unknown dtype `{other}`"),
-    };
+    let (device, dtype) = device_and_dtype(&args)?;
     let runs: usize = arg(&args, "--runs").unwrap_or("5").parse()?;
     let div: usize = arg(&args, "--div").unwrap_or("1").parse()?;
     let only = arg(&args, "--only").unwrap_or("");

@@ -30,12 +30,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use diffexplainer::ops::{group_norm_composed, group_norm_fused};
 use diffexplainer::rng::SeededRng;
 
-fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-}
+mod common;
+use common::{arg, device_and_dtype};
 
 /// name, channels, spatial size, eps (diffusers: UNet 1e-5, VAE 1e-6).
 const SHAPES: &[(&str, usize, usize, f64)] = &[
@@ -286,17 +282,7 @@ fn attention_table(
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let device = match arg(&args, "--device").unwrap_or("cpu") {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        other => anyhow::bail!("unknown device `{other}`"),
-    };
-    let dtype = match arg(&args, "--dtype").unwrap_or("f32") {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => anyhow::bail!("unknown dtype `{other}`"),
-    };
+    let (device, dtype) = device_and_dtype(&args)?;
     let runs: usize = arg(&args, "--runs").unwrap_or("5").parse()?;
     let div: usize = arg(&args, "--div").unwrap_or("1").parse()?;
     let only = arg(&args, "--only").unwrap_or("");

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Var};
 use diffexplainer::models::classifiers::{Classifier, ClassifierConfig, Preprocess};
 use diffexplainer::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use diffexplainer::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -31,26 +31,12 @@ const SD15_SCHEDULER: &str = r#"{"beta_start": 0.00085, "beta_end": 0.012, "beta
     "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": false, "clip_sample": false,
     "original_inference_steps": 50}"#;
 
-fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-}
+mod common;
+use common::{arg, device_and_dtype};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let device = match arg(&args, "--device").unwrap_or("cpu") {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        other => anyhow::bail!("unknown device `{other}`"),
-    };
-    let dtype = match arg(&args, "--dtype").unwrap_or("f32") {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => anyhow::bail!("unknown dtype `{other}`"),
-    };
+    let (device, dtype) = device_and_dtype(&args)?;
     let iters: usize = arg(&args, "--iters").unwrap_or("3").parse()?;
     let warmup: usize = arg(&args, "--warmup").unwrap_or("1").parse()?;
     let latent: usize = arg(&args, "--latent").unwrap_or("64").parse()?;
