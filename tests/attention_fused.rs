@@ -4,6 +4,8 @@
 //! implement; the kernels themselves are checked on a GPU (CUDA parity with
 //! DIFFEXPLAINER_ATTENTION=fused and `bench_group_norm --attention`, bench/run_on_device.sh).
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use diffexplainer::ops::attention::{composed_attention, AttentionMask};
 use diffexplainer::ops::attention_fused::{fused_attention, fused_attention_forward, BK};
@@ -305,43 +307,5 @@ fn kernels_under_cpu_emulation() {
 #[test]
 #[ignore = "needs nvcc (CUDA toolchain)"]
 fn committed_ptx_is_up_to_date() {
-    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "/opt/cuda13/nvidia/cu13/bin/nvcc".into());
-    assert!(
-        std::path::Path::new(&nvcc).exists(),
-        "no nvcc at {nvcc}: install the CUDA toolchain or set NVCC"
-    );
-    let ops_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops");
-    let root = ops_dir
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap();
-    let out = std::env::temp_dir().join(format!("dx_attention_{}.ptx", std::process::id()));
-    let status = std::process::Command::new(&nvcc)
-        .current_dir(root)
-        .args(["-ptx", "-arch=sm_80", "-o"])
-        .arg(&out)
-        .arg("lib/src/ops/attention.cu")
-        .status()
-        .unwrap();
-    assert!(status.success(), "nvcc failed on attention.cu");
-    let fresh = std::fs::read_to_string(&out).unwrap();
-    let committed = std::fs::read_to_string(ops_dir.join("attention.ptx")).unwrap();
-    assert!(
-        fresh == committed,
-        "lib/src/ops/attention.ptx is stale: regenerate it with the command in attention.cu"
-    );
-    let ptxas = std::path::Path::new(&nvcc).with_file_name("ptxas");
-    let cubin = out.with_extension("cubin");
-    let status = std::process::Command::new(ptxas)
-        .args(["-arch=sm_90", "-o"])
-        .arg(&cubin)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "ptxas -arch=sm_90 rejected the PTX");
-    let _ = std::fs::remove_file(out);
-    let _ = std::fs::remove_file(cubin);
+    common::assert_committed_ptx_is_up_to_date("attention");
 }

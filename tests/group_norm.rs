@@ -3,6 +3,8 @@
 //! source is checked against the committed PTX when nvcc is installed (their numerical parity
 //! runs on the device: `bench_group_norm --device cuda` and the parity cases).
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use diffexplainer::ops::group_norm::{group_norm_input_grad, group_norm_stats};
 use diffexplainer::ops::{self, group_norm_composed, group_norm_fused, GroupNormImpl};
@@ -395,44 +397,5 @@ fn env_switch() {
 #[test]
 #[ignore = "needs nvcc (CUDA toolchain)"]
 fn committed_ptx_is_up_to_date() {
-    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "/opt/cuda13/nvidia/cu13/bin/nvcc".into());
-    assert!(
-        std::path::Path::new(&nvcc).exists(),
-        "no nvcc at {nvcc}: install the CUDA toolchain or set NVCC"
-    );
-    let ops_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops");
-    let out = std::env::temp_dir().join(format!("dx_group_norm_{}.ptx", std::process::id()));
-    let status = std::process::Command::new(&nvcc)
-        .current_dir(
-            ops_dir
-                .parent()
-                .unwrap()
-                .parent()
-                .unwrap()
-                .parent()
-                .unwrap(),
-        )
-        .args(["-ptx", "-arch=sm_80", "-o"])
-        .arg(&out)
-        .arg("lib/src/ops/group_norm.cu")
-        .status()
-        .unwrap();
-    assert!(status.success(), "nvcc failed on group_norm.cu");
-    let fresh = std::fs::read_to_string(&out).unwrap();
-    let committed = std::fs::read_to_string(ops_dir.join("group_norm.ptx")).unwrap();
-    assert!(
-        fresh == committed,
-        "lib/src/ops/group_norm.ptx is stale: regenerate it with the command in group_norm.cu"
-    );
-    let ptxas = std::path::Path::new(&nvcc).with_file_name("ptxas");
-    let cubin = out.with_extension("cubin");
-    let status = std::process::Command::new(ptxas)
-        .args(["-arch=sm_90", "-o"])
-        .arg(&cubin)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "ptxas -arch=sm_90 rejected the PTX");
-    let _ = std::fs::remove_file(out);
-    let _ = std::fs::remove_file(cubin);
+    common::assert_committed_ptx_is_up_to_date("group_norm");
 }

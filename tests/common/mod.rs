@@ -38,3 +38,43 @@ pub fn tiny_clip() -> ClipTextModel {
     .unwrap();
     random_model(|vb| ClipTextModel::new(vb, &cfg), 0.5)
 }
+
+/// Asserts that `lib/src/ops/<name>.ptx` is what nvcc makes from `<name>.cu` (the command in
+/// the .cu header) and that ptxas assembles it for sm_90. Needs nvcc
+/// (`/opt/cuda13/nvidia/cu13/bin/nvcc`, or set NVCC), which CI does not install: the tests that
+/// call this are `#[ignore]`d and run with `-- --ignored`.
+pub fn assert_committed_ptx_is_up_to_date(name: &str) {
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "/opt/cuda13/nvidia/cu13/bin/nvcc".into());
+    assert!(
+        std::path::Path::new(&nvcc).exists(),
+        "no nvcc at {nvcc}: install the CUDA toolchain or set NVCC"
+    );
+    let ops_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops");
+    let root = ops_dir.join("../../..");
+    let out = std::env::temp_dir().join(format!("dx_{name}_{}.ptx", std::process::id()));
+    let status = std::process::Command::new(&nvcc)
+        .current_dir(root)
+        .args(["-ptx", "-arch=sm_80", "-o"])
+        .arg(&out)
+        .arg(format!("lib/src/ops/{name}.cu"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "nvcc failed on {name}.cu");
+    let fresh = std::fs::read_to_string(&out).unwrap();
+    let committed = std::fs::read_to_string(ops_dir.join(format!("{name}.ptx"))).unwrap();
+    assert!(
+        fresh == committed,
+        "lib/src/ops/{name}.ptx is stale: regenerate it with the command in {name}.cu"
+    );
+    let ptxas = std::path::Path::new(&nvcc).with_file_name("ptxas");
+    let cubin = out.with_extension("cubin");
+    let status = std::process::Command::new(ptxas)
+        .args(["-arch=sm_90", "-o"])
+        .arg(&cubin)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "ptxas -arch=sm_90 rejected the PTX");
+    let _ = std::fs::remove_file(out);
+    let _ = std::fs::remove_file(cubin);
+}
