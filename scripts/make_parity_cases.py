@@ -423,6 +423,30 @@ def _():
     return max_pool_case((1, 2, 8, 8), 2, 2, 0)
 
 
+def max_pool_ties_case(name, shape, kernel, stride, padding):
+    """Integer values from {0, 1, 2}: most windows hold tied maxima, where PyTorch gives the
+    whole gradient to the first maximum in row-major window order."""
+    x = torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(seed_of(name))).float()
+    return functional(
+        "op.max_pool2d",
+        f"torch.nn.functional.max_pool2d(kernel_size={kernel}, stride={stride}, padding={padding}) "
+        "on tied maxima",
+        lambda x: F.max_pool2d(x, kernel, stride, padding),
+        x,
+        options={"kernel": kernel, "stride": stride, "padding": padding},
+    )
+
+
+@case("op_max_pool2d_ties_k2")
+def _():
+    return max_pool_ties_case("op_max_pool2d_ties_k2", (1, 2, 6, 6), 2, 2, 0)
+
+
+@case("op_max_pool2d_ties_stem")
+def _():
+    return max_pool_ties_case("op_max_pool2d_ties_stem", (1, 2, 9, 9), 3, 2, 1)
+
+
 @case("op_avg_pool2d")
 def _():
     return functional(
@@ -854,6 +878,48 @@ def _(out: Path):
     seed_case("resnet18_tiny")
     model = build_resnet(RESNET18_TINY)
     torch.save(model.state_dict(), out / "resnet_tiny_plain.pth")
+
+
+@fixture("robust_resnet_tiny_legacy")
+def _(out: Path):
+    """The robust_resnet_tiny fixture's checkpoint re-saved in torch's legacy (pre-1.6)
+    serialization, under the name the 2019-era robustness checkpoints carry (`.pth.tar`):
+    must load to exactly the zip copy's tensors."""
+    ck = torch.load(out / "robust_resnet_tiny.pt", weights_only=True)
+    torch.save(ck, out / "robust_resnet_tiny_legacy.pth.tar", _use_new_zipfile_serialization=False)
+    back = torch.load(out / "robust_resnet_tiny_legacy.pth.tar", weights_only=True)
+    assert all(torch.equal(back["model"][k], v) for k, v in ck["model"].items())
+
+
+@fixture("clip_text_gelu_pytorch_model")
+def _(out: Path):
+    """The clip_text_gelu case's weights as transformers' `pytorch_model.bin` (torch.save, zip
+    format): a diffusers folder's text_encoder/ may hold only that file."""
+    sd = load_file(str(REPO / "tests/parity/cases/clip_text_gelu/weights.safetensors"))
+    torch.save(sd, out / "clip_text_gelu_pytorch_model.bin")
+
+
+@fixture("torch_views")
+def _(out: Path):
+    """Tensors that are views (a transposed one, a slice at an offset, two sharing a storage)
+    and other dtypes, saved in both torch.save formats, with the expected values as
+    safetensors: the readers must rebuild the views from storage, offset, size and stride."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(4, 6, generator=g)
+    state = {
+        "transposed": base.t(),  # strides (1, 6): not contiguous
+        "slice": base[1:3, 2:5],  # offset 8, strides (6, 1)
+        "row": base[2],  # shares base's storage, offset 12
+        "base": base,
+        "half": torch.randn(3, 2, generator=g).half(),
+        "double": torch.randn(5, generator=g).double(),
+        "long": torch.arange(7),
+        "step": 3,  # not a tensor: left out
+    }
+    torch.save(state, out / "torch_views_legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(state, out / "torch_views_zip.pt")
+    save_file({k: v.contiguous().clone() for k, v in state.items() if torch.is_tensor(v)},
+              str(out / "torch_views_expected.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,10 +117,10 @@ def tiny_unet(**overrides):
     return UNet2DConditionModel(**cfg)
 
 
-def unet_case(out_dir, name, model, generator, timestep):
+def unet_case(out_dir, name, model, generator, timestep, size=(8, 8)):
     randomize_(model, generator)
     inputs = {
-        "sample": torch.randn(1, 4, 8, 8, generator=generator, dtype=torch.float64),
+        "sample": torch.randn(1, 4, *size, generator=generator, dtype=torch.float64),
         "timestep": torch.tensor([timestep], dtype=torch.float64),
         "encoder_hidden_states": torch.randn(1, 5, 12, generator=generator, dtype=torch.float64),
     }
@@ -230,6 +230,20 @@ def lcm_sample_decode_case(out_dir, name, steps=4):
                grad_inputs=["encoder_hidden_states"], run=run, options={"steps": steps})
 
 
+def unet_odd_size_case(out_dir):
+    """Three blocks on a 10x6 sample: not a multiple of 2^2, so diffusers forwards each skip's
+    size to the upsampler (`forward_upsample_size`); 10 -> 5 -> 3 and 6 -> 3 -> 2 on the way
+    down, 3 -> 5 -> 10 and 2 -> 3 -> 6 on the way up. Its own generator, so the other cases
+    keep their numbers."""
+    gen = torch.Generator().manual_seed(SEED + 11)
+    model = tiny_unet(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    unet_case(out_dir, "unet2d_condition_odd_size", model, gen, timestep=250.0, size=(10, 6))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "parity", "cases"))
@@ -238,8 +252,11 @@ def main():
     out = os.path.normpath(args.out)
     if args.only is None or "lcm_sample_decode" in args.only:
         lcm_sample_decode_case(out, "lcm_sample_decode")
-    if args.only is not None and args.only != ["lcm_sample_decode"]:
-        parser.error("--only supports lcm_sample_decode alone (the other cases share one generator)")
+    if args.only is None or "unet2d_condition_odd_size" in args.only:
+        unet_odd_size_case(out)
+    alone = {"lcm_sample_decode", "unet2d_condition_odd_size"}
+    if args.only is not None and not set(args.only) <= alone:
+        parser.error(f"--only supports {sorted(alone)} (the other cases share one generator)")
     if args.only is not None:
         return
     torch.manual_seed(SEED)

@@ -261,3 +261,221 @@ fn bad_arguments_name_the_bad_value_and_write_nothing() {
         "{e}"
     );
 }
+
+fn refused(args: &[&str], says: &[&str]) {
+    let o = run(args);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{args:?} was accepted: {e}");
+    for s in says {
+        assert!(e.contains(s), "{args:?}: `{s}` not in: {e}");
+    }
+}
+
+#[test]
+fn options_without_effect_are_refused_before_anything_is_written() {
+    let out = temp_dir("noeffect");
+    let o = out.to_str().unwrap();
+    refused(
+        &[
+            "explain",
+            "--lora",
+            "/does/not/exist.safetensors",
+            "--out",
+            o,
+        ],
+        &["--lora", "/does/not/exist.safetensors", "no effect", "tiny"],
+    );
+    refused(
+        &[
+            "explain",
+            "--preset",
+            "tiny",
+            "--model-dir",
+            "/nonexistent",
+            "--out",
+            o,
+        ],
+        &["--model-dir", "/nonexistent", "no effect"],
+    );
+    refused(
+        &[
+            "explain",
+            "--preset",
+            "tiny",
+            "--hub",
+            "org/model",
+            "--out",
+            o,
+        ],
+        &["--hub", "no effect"],
+    );
+    refused(
+        &[
+            "explain",
+            "--model-dir",
+            "/nonexistent",
+            "--tiny-seed",
+            "3",
+            "--out",
+            o,
+        ],
+        &["--tiny-seed", "no effect"],
+    );
+    refused(
+        &["explain", "--lora-scale", "0.5", "--out", o],
+        &["--lora-scale", "no effect"],
+    );
+    refused(
+        &["explain", "--classifier-checkpoint", "x.pth", "--out", o],
+        &["--classifier"],
+    );
+    refused(
+        &["show", "/no/such/record", "--device", "cpu"],
+        &["--reproduce"],
+    );
+    refused(
+        &["tokens", "/tmp/x.safetensors", "--classifier", "resnet18"],
+        &["--classifier"],
+    );
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+}
+
+#[test]
+fn tokens_of_a_record_refuses_model_options_and_of_a_prompt_needs_no_classifier() {
+    let out = temp_dir("tokens");
+    let o = run(&[
+        "explain",
+        "--iterations",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    refused(
+        &["tokens", out.to_str().unwrap(), "--preset", "tiny"],
+        &["run record", "--preset", "no effect"],
+    );
+    // A prompt file with the folder it was made for: no --classifier is needed.
+    let folder = temp_dir("tokens-folder");
+    diffexplainer::explain::bundle::write_tiny_diffusers_folder(0, &folder).unwrap();
+    let prompt = out.join("prompt.safetensors");
+    let o = run(&[
+        "tokens",
+        prompt.to_str().unwrap(),
+        "--model-dir",
+        folder.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let from_folder: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let o = run(&["tokens", out.to_str().unwrap(), "--json"]);
+    let from_record: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        from_folder, from_record,
+        "the folder is the same tiny model"
+    );
+}
+
+#[test]
+fn sizes_are_checked_before_any_record_and_odd_latents_run() {
+    let out = temp_dir("size");
+    refused(
+        &[
+            "explain",
+            "--resolution",
+            "34",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["resolution 34", "scale factor 4", "32 or 36"],
+    );
+    assert!(!out.exists());
+    // 36 px: 9x9 latents, not a multiple of the tiny UNet's 2 (diffusers runs it).
+    let o = run(&[
+        "explain",
+        "--resolution",
+        "36",
+        "--iterations",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("summary.json").is_file());
+}
+
+#[test]
+fn ddim_runs_on_the_embedded_default() {
+    let out = temp_dir("ddim");
+    let o = run(&[
+        "explain",
+        "--scheduler",
+        "ddim",
+        "--iterations",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn default_record_folders_never_collide() {
+    let cwd = temp_dir("collide");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let spawn = || {
+        bin()
+            .current_dir(&cwd)
+            .args(["explain", "--iterations", "1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    for child in [a, b] {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let mut records: Vec<String> = std::fs::read_dir(cwd.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    records.sort();
+    assert_eq!(records.len(), 2, "{records:?}");
+    for r in &records {
+        assert!(
+            cwd.join("runs").join(r).join("summary.json").is_file(),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn a_user_mistake_prints_no_backtrace_even_with_rust_backtrace() {
+    // A classifier checkpoint that is not one: the error comes from deep in the loader.
+    let o = bin()
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .args([
+            "explain",
+            "--classifier",
+            "resnet18",
+            "--classifier-checkpoint",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+            "--class",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("Cargo.toml") && e.contains("not a checkpoint format"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("backtrace") && !e.contains("Backtrace") && e.lines().count() <= 3,
+        "{e}"
+    );
+}

@@ -175,3 +175,86 @@ fn classifier_presets_name_their_architecture_and_input_size() {
     assert_eq!(spec.input_size, 256);
     assert_eq!(spec.checkpoint, Some(fixture));
 }
+
+/// A kohya LoRA's text-encoder half is fused into the text encoder (the tiny folder's CLIP is
+/// saved without transformers' `text_model.` prefix; the LoRA names it with the prefix, as
+/// kohya LoRAs do); a LoRA for SDXL's second text encoder is refused, naming a module.
+#[test]
+fn lora_text_encoder_half_is_fused_and_sdxl_refused() {
+    let dir = temp_dir("te-lora");
+    write_tiny_diffusers_folder(0, &dir).unwrap();
+    let in_code = images(&ModelSpec::tiny(0));
+    let lora_path = dir.join("te_lora.safetensors");
+    let module = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
+    let lora: HashMap<String, Tensor> = [
+        (
+            format!("{module}.lora_down.weight"),
+            Tensor::ones((2, 32), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            format!("{module}.lora_up.weight"),
+            Tensor::full(0.5f32, (32, 2), &Device::Cpu).unwrap(),
+        ),
+    ]
+    .into();
+    candle_core::safetensors::save(&lora, &lora_path).unwrap();
+    let with_lora = |scale: f64| ModelSpec {
+        lora: Some(LoraSpec {
+            source: FileSource::Path {
+                path: lora_path.clone(),
+            },
+            scale,
+        }),
+        ..folder_spec(dir.clone())
+    };
+    assert_eq!(images(&with_lora(0.0)), in_code, "scale 0 changes nothing");
+    assert_ne!(images(&with_lora(1.0)), in_code, "the text encoder changed");
+    // The text encoder alone (what `tokens` loads) has it too.
+    let (_, plain) = folder_spec(dir.clone())
+        .load_text_encoder(&Device::Cpu)
+        .unwrap();
+    let (_, fused) = with_lora(1.0).load_text_encoder(&Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[49406u32, 320, 49407]], &Device::Cpu).unwrap();
+    let a = plain.forward(&ids).unwrap().last_hidden_state;
+    let b = fused.forward(&ids).unwrap().last_hidden_state;
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 1e-3, "{diff}");
+
+    let sdxl: HashMap<String, Tensor> = lora
+        .iter()
+        .map(|(k, v)| (k.replace("lora_te_", "lora_te2_"), v.clone()))
+        .collect();
+    candle_core::safetensors::save(&sdxl, &lora_path).unwrap();
+    let e = format!(
+        "{:#}",
+        ModelBundle::load(&with_lora(1.0), &Device::Cpu).unwrap_err()
+    );
+    assert!(
+        e.contains("second text encoder") && e.contains("lora_te2_text_model_encoder_layers_0"),
+        "{e}"
+    );
+}
+
+/// Every scheduler runs on every bundle that ships: the tiny default in code and as a folder.
+#[test]
+fn every_scheduler_runs_on_the_tiny_default() {
+    let dir = temp_dir("schedulers");
+    write_tiny_diffusers_folder(0, &dir).unwrap();
+    for scheduler in ["lcm", "euler_ancestral", "ddim"] {
+        for spec in [ModelSpec::tiny(0), folder_spec(dir.clone())] {
+            let spec = ModelSpec {
+                scheduler: Some(scheduler.to_string()),
+                ..spec
+            };
+            let v = images(&spec);
+            assert!(v.iter().all(|x| x.is_finite()), "{scheduler}");
+        }
+    }
+}

@@ -254,3 +254,29 @@ fn the_recorded_candle_version_is_the_pinned_one() {
         "update CANDLE_VERSION in explain/record.rs to the workspace's candle pin"
     );
 }
+
+/// Two runs that start in the same second (the default name is `explain-<unix seconds>`) get
+/// different folders: `create_dir` either makes a name or fails because it exists, also when
+/// racing in parallel.
+#[test]
+fn free_record_folder_names_never_collide() {
+    use diffexplainer::explain::record::create_free_dir;
+    let parent = std::env::temp_dir().join(format!("dx-free-dir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&parent);
+    let first = create_free_dir(&parent, "explain-100").unwrap();
+    let second = create_free_dir(&parent, "explain-100").unwrap();
+    assert_eq!(first, parent.join("explain-100"));
+    assert_eq!(second, parent.join("explain-100-2"));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let parent = parent.clone();
+            std::thread::spawn(move || create_free_dir(&parent, "explain-200").unwrap())
+        })
+        .collect();
+    let mut dirs: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    dirs.sort();
+    dirs.dedup();
+    assert_eq!(dirs.len(), 8);
+    assert!(dirs.iter().all(|d| d.is_dir()));
+    let _ = std::fs::remove_dir_all(&parent);
+}

@@ -240,6 +240,44 @@ fn sharded_weights_load() {
     );
 }
 
+/// transformers writes and reads `pytorch_model.bin` for the text encoder (not diffusers'
+/// `diffusion_pytorch_model.bin`): a folder holding only that file loads, to the same model.
+#[test]
+fn text_encoder_from_transformers_pytorch_model_bin() {
+    let tmp = TempDir::new("bin");
+    let root = &tmp.0;
+    write_folder(root);
+    let cpu = &Device::Cpu;
+    let from_st = ClipTextModel::from_pretrained(root, None, DType::F32, cpu).unwrap();
+    std::fs::remove_file(root.join("text_encoder/model.safetensors")).unwrap();
+    copy(
+        fixture("clip_text_gelu_pytorch_model.bin"),
+        root.join("text_encoder/pytorch_model.bin"),
+    );
+    let from_bin = ClipTextModel::from_pretrained(root, None, DType::F32, cpu).unwrap();
+    let a = from_st.token_embedding.clone();
+    let b = from_bin.token_embedding.clone();
+    assert_eq!(max_rel(&a, &b), 0.0);
+    let files = pretrained::weight_files(root, &pretrained::TEXT_ENCODER, None).unwrap();
+    assert_eq!(files, vec![root.join("text_encoder/pytorch_model.bin")]);
+}
+
+/// Shards of torch.save files (`*.bin.index.json`) are read into one checkpoint.
+#[test]
+fn torch_save_shards_open_together() {
+    let c = Checkpoint::open_all(&[
+        fixture("torch_views_legacy.pt"),
+        fixture("resnet_tiny_plain.pth"),
+    ])
+    .unwrap();
+    let n = Checkpoint::open(fixture("resnet_tiny_plain.pth"))
+        .unwrap()
+        .names()
+        .len();
+    assert_eq!(c.names().len(), n + 7);
+    assert!(c.origin().contains("torch_views_legacy.pt"));
+}
+
 #[test]
 fn missing_pieces_are_named() {
     let tmp = TempDir::new("missing");
@@ -256,15 +294,23 @@ fn missing_pieces_are_named() {
     ));
     assert!(
         e.contains("diffusion_pytorch_model.fp16.safetensors")
-            && e.contains("it holds diffusion_pytorch_model.safetensors")
-            && e.contains("variant None"),
+            && e.contains("the folder holds config.json, diffusion_pytorch_model.safetensors")
+            && e.contains("only the `fp16` variant"),
         "{e}"
     );
 
+    // Nothing matches: every name tried, and every file there.
     std::fs::remove_file(root.join("text_encoder/model.safetensors")).unwrap();
+    std::fs::write(root.join("text_encoder/tf_model.h5"), b"not read").unwrap();
     let e = err(ClipTextModel::from_pretrained(root, None, DType::F32, cpu));
     assert!(
-        e.contains("text_encoder") && e.contains("model.safetensors") && e.contains("no weight"),
+        e.contains("text_encoder")
+            && e.contains(
+                "model.safetensors, model.safetensors.index.json, pytorch_model.bin, \
+                           pytorch_model.bin.index.json"
+            )
+            && e.contains("the folder holds config.json, tf_model.h5")
+            && e.contains("TensorFlow"),
         "{e}"
     );
 

@@ -362,3 +362,172 @@ fn matches_diffusers_fuse_lora_on_a_tiny_unet() {
         );
     }
 }
+
+fn fixture_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lora")
+}
+
+fn fixture_meta() -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join("fixtures_peft_te.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Max relative error of every tensor of `expected` against `ours`.
+fn assert_matches(ours: &Checkpoint, expected: &Checkpoint, rename: impl Fn(&str) -> String) {
+    for name in expected.names() {
+        let o = values(&ours.tensor(&rename(&name)).unwrap());
+        let e = values(&expected.tensor(&name).unwrap());
+        let scale = e.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let err = o
+            .iter()
+            .zip(&e)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err / scale < 1e-5, "{name}: rel error {:.3e}", err / scale);
+    }
+}
+
+/// A PEFT LoRA saved by diffusers' `save_lora_weights`: its alpha (2 x rank, one module 3.0 by
+/// `alpha_pattern`) is only in the safetensors header (`lora_adapter_metadata`). Fused as
+/// diffusers fuses it (`scripts/make_lora_fixtures_peft_te.py`), not at 1x.
+#[test]
+fn peft_alpha_from_the_safetensors_header_matches_diffusers() {
+    let meta = fixture_meta();
+    let scale = meta["peft"]["lora_scale"].as_f64().unwrap();
+    let lora = Lora::open(fixture_dir().join("peft_lora.safetensors")).unwrap();
+    let adapter = &lora.adapter_configs()["unet"];
+    assert_eq!(adapter.lora_alpha, Some(4.0));
+    assert_eq!(adapter.r, Some(2));
+    assert_eq!(
+        adapter
+            .alpha_pattern
+            .get("down_blocks.0.attentions.0.proj_in"),
+        Some(&3.0)
+    );
+    let base = Checkpoint::open(fixture_dir().join("unet.safetensors")).unwrap();
+    let (ckpt, report) = lora.fuse_into(base, LoraTarget::UNET, scale).unwrap();
+    let expected = Checkpoint::open(fixture_dir().join("peft_fused.safetensors")).unwrap();
+    assert_eq!(report.fused, expected.names());
+    assert_eq!(
+        report.fused.len() as u64,
+        meta["peft"]["adapted"].as_u64().unwrap()
+    );
+    assert_matches(&ckpt, &expected, str::to_string);
+
+    // Without the header the same tensors fuse at alpha = rank: the delta halves. The test
+    // above would catch a reader that ignores the header.
+    let plain = Lora::from_tensors(
+        "no-header.safetensors",
+        Checkpoint::open(fixture_dir().join("peft_lora.safetensors"))
+            .map(|c| {
+                c.names()
+                    .into_iter()
+                    .map(|n| (n.clone(), c.tensor(&n).unwrap()))
+                    .collect()
+            })
+            .unwrap(),
+    );
+    let base = Checkpoint::open(fixture_dir().join("unet.safetensors")).unwrap();
+    let (plain_ckpt, _) = plain.fuse_into(base, LoraTarget::UNET, scale).unwrap();
+    let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+    let unet = Checkpoint::open(fixture_dir().join("unet.safetensors")).unwrap();
+    let w0 = values(&unet.tensor(name).unwrap());
+    let d_header: Vec<f64> = values(&ckpt.tensor(name).unwrap())
+        .iter()
+        .zip(&w0)
+        .map(|(a, b)| a - b)
+        .collect();
+    let d_plain: Vec<f64> = values(&plain_ckpt.tensor(name).unwrap())
+        .iter()
+        .zip(&w0)
+        .map(|(a, b)| a - b)
+        .collect();
+    for (h, p) in d_header.iter().zip(&d_plain) {
+        assert!(
+            (h - 2.0 * p).abs() <= 1e-5 * h.abs().max(1e-3),
+            "{h} vs 2 x {p}"
+        );
+    }
+}
+
+#[test]
+fn adapter_metadata_rank_must_match_the_tensors() {
+    use diffexplainer::lora::AdapterConfig;
+    let lora = Lora::from_tensors("ranked.safetensors", peft_lora()).with_adapter_configs(
+        [(
+            "unet".to_string(),
+            AdapterConfig {
+                r: Some(7),
+                lora_alpha: Some(14.0),
+                ..Default::default()
+            },
+        )]
+        .into(),
+    );
+    let err = lora
+        .fuse_into(base(), LoraTarget::UNET, 1.0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("rank") && err.contains('7'), "{err}");
+}
+
+/// The text-encoder half of a kohya LoRA (`lora_te_text_model_encoder_...`) on a tiny
+/// transformers CLIPTextModel, against diffusers' kohya conversion + fuse. transformers 5 saves
+/// the model without the `text_model.` prefix; SD 1.5's checkpoint has it: both fuse.
+#[test]
+fn kohya_text_encoder_lora_matches_diffusers_with_and_without_text_model_prefix() {
+    let meta = fixture_meta();
+    let scale = meta["text_encoder"]["lora_scale"].as_f64().unwrap();
+    let lora = Lora::open(fixture_dir().join("te_lora_kohya.safetensors")).unwrap();
+    let c = lora.components().unwrap();
+    assert_eq!((c.unet, c.text_encoder, c.other.len()), (0, 12, 0));
+    let expected = Checkpoint::open(fixture_dir().join("te_fused.safetensors")).unwrap();
+
+    let base = Checkpoint::open(fixture_dir().join("te_base.safetensors")).unwrap();
+    assert!(base.names().iter().all(|n| !n.starts_with("text_model.")));
+    let (ckpt, report) = lora
+        .fuse_into(base, LoraTarget::TEXT_ENCODER, scale)
+        .unwrap();
+    assert_eq!(report.fused, expected.names());
+    assert_matches(&ckpt, &expected, str::to_string);
+
+    let prefixed: HashMap<String, Tensor> = {
+        let b = Checkpoint::open(fixture_dir().join("te_base.safetensors")).unwrap();
+        b.names()
+            .into_iter()
+            .map(|n| (format!("text_model.{n}"), b.tensor(&n).unwrap()))
+            .collect()
+    };
+    let (ckpt, report) = lora
+        .fuse_into(
+            Checkpoint::from_tensors("sd15-text-encoder.safetensors", prefixed),
+            LoraTarget::TEXT_ENCODER,
+            scale,
+        )
+        .unwrap();
+    assert_eq!(report.fused.len(), 12);
+    assert_matches(&ckpt, &expected, |n| format!("text_model.{n}"));
+}
+
+#[test]
+fn sdxl_second_text_encoder_modules_are_counted_as_other() {
+    let mut t = kohya_lora();
+    t.insert(
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".into(),
+        rand(&[2, 6], 9),
+    );
+    t.insert(
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight".into(),
+        rand(&[6, 2], 10),
+    );
+    let c = Lora::from_tensors("sdxl.safetensors", t)
+        .components()
+        .unwrap();
+    assert_eq!(
+        c.other,
+        vec!["lora_te2_text_model_encoder_layers_0_self_attn_q_proj".to_string()]
+    );
+}

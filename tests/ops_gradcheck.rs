@@ -371,3 +371,92 @@ fn memory_efficient_attention_matches_the_composed_reference() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ties: max-like ops are not differentiable there, so finite differences cannot check them;
+// the values below are PyTorch's (its autograd's choice at a tie).
+
+fn grad_of(
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+    x: &[f64],
+    shape: &[usize],
+    cot: f64,
+) -> Vec<f64> {
+    let x =
+        candle_core::Var::from_tensor(&Tensor::from_vec(x.to_vec(), shape, &Device::Cpu).unwrap())
+            .unwrap();
+    let y = f(x.as_tensor()).unwrap();
+    let grads = (y * cot).unwrap().sum_all().unwrap().backward().unwrap();
+    grads
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn max_pool2d_tie_gives_the_gradient_to_the_first_maximum() {
+    // torch: x = [[1, 1], [0, 0]], max_pool2d(k=2, s=2), backward of 2.5 * y -> [2.5, 0, 0, 0].
+    let g = grad_of(
+        |x| ops::max_pool2d(x, 2, 2, 0),
+        &[1.0, 1.0, 0.0, 0.0],
+        &[1, 1, 2, 2],
+        2.5,
+    );
+    assert_eq!(g, vec![2.5, 0.0, 0.0, 0.0]);
+    // All four tied: still only the first.
+    let g = grad_of(
+        |x| ops::max_pool2d(x, 2, 2, 0),
+        &[3.0; 4],
+        &[1, 1, 2, 2],
+        1.0,
+    );
+    assert_eq!(g, vec![1.0, 0.0, 0.0, 0.0]);
+    // The tie in the second row: the first in row-major order is (1, 0).
+    let g = grad_of(
+        |x| ops::max_pool2d(x, 2, 2, 0),
+        &[0.0, 0.0, 1.0, 1.0],
+        &[1, 1, 2, 2],
+        1.0,
+    );
+    assert_eq!(g, vec![0.0, 0.0, 1.0, 0.0]);
+}
+
+#[test]
+fn max_pool2d_value_is_still_the_max_with_padding() {
+    // -inf padding must not leak into the output (0 * -inf would be NaN).
+    let x = Tensor::new(&[[[[-1.0f64, -2.0], [-3.0, -4.0]]]], &Device::Cpu).unwrap();
+    let y = ops::max_pool2d(&x, 3, 2, 1).unwrap();
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        vec![-1.0]
+    );
+}
+
+#[test]
+fn relu_gradient_at_zero_is_zero() {
+    // torch.relu backward (threshold_backward): 1 where x > 0 only.
+    let g = grad_of(ops::relu, &[-1.0, 0.0, 2.0], &[3], 1.0);
+    assert_eq!(g, vec![0.0, 0.0, 1.0]);
+}
+
+#[test]
+fn clamp_gradient_includes_the_bounds() {
+    // torch.clamp backward: 1 where min <= x <= max, bounds included.
+    let g = grad_of(
+        |x| ops::clamp(x, 0.0, 1.0),
+        &[-0.5, 0.0, 0.5, 1.0, 1.5],
+        &[5],
+        1.0,
+    );
+    assert_eq!(g, vec![0.0, 1.0, 1.0, 1.0, 0.0]);
+    let y = ops::clamp(
+        &Tensor::new(&[-0.5f64, 0.25, 1.5], &Device::Cpu).unwrap(),
+        0.0,
+        1.0,
+    )
+    .unwrap();
+    assert_eq!(y.to_vec1::<f64>().unwrap(), vec![0.0, 0.25, 1.0]);
+}

@@ -122,3 +122,139 @@ fn prefix_selects_a_sub_model() {
         vec![1.0, 2.0]
     );
 }
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn all_tensors(c: &Checkpoint) -> Vec<(String, Vec<usize>, DType, Vec<f64>)> {
+    c.names()
+        .into_iter()
+        .map(|n| {
+            let t = c.tensor(&n).unwrap();
+            let v = t
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            (n, t.dims().to_vec(), t.dtype(), v)
+        })
+        .collect()
+}
+
+/// The 2019-era robustness layout saved by torch's legacy serialization
+/// (`_use_new_zipfile_serialization=False`) under the name such checkpoints carry
+/// (`.pth.tar`): the same tensors, bit for bit, as the zip-format copy.
+#[test]
+fn legacy_torch_save_loads_exactly_what_the_zip_copy_gives() {
+    use diffexplainer::weights::Format;
+    let legacy = fixture("robust_resnet_tiny_legacy.pth.tar");
+    let zip = fixture("robust_resnet_tiny.pt");
+    assert_eq!(Format::detect(&legacy).unwrap(), Format::TorchLegacy);
+    assert_eq!(Format::detect(&zip).unwrap(), Format::TorchZip);
+    let a = all_tensors(&Checkpoint::open_pickle(&legacy, Some("model")).unwrap());
+    let b = all_tensors(&Checkpoint::open_pickle(&zip, Some("model")).unwrap());
+    assert!(a.len() > 100, "{} tensors", a.len());
+    assert_eq!(a, b);
+    // A missing entry names the entries there are.
+    let err = Checkpoint::open_pickle(&legacy, Some("state_dict"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("state_dict") && err.contains("model") && err.contains("epoch"),
+        "{err}"
+    );
+}
+
+/// Views: a transposed tensor, a slice at an offset, a row sharing its base's storage, f16,
+/// f64 and i64, in both formats, against the values torch wrote (`contiguous()` copies).
+#[test]
+fn tensor_views_are_rebuilt_in_both_torch_formats() {
+    let expected = Checkpoint::open(fixture("torch_views_expected.safetensors")).unwrap();
+    let want = all_tensors(&expected);
+    assert_eq!(want.len(), 7);
+    for file in ["torch_views_legacy.pt", "torch_views_zip.pt"] {
+        let got = all_tensors(&Checkpoint::open(fixture(file)).unwrap());
+        assert_eq!(got, want, "{file}");
+    }
+}
+
+/// The format comes from the content: the same bytes load under any name, and a file that is
+/// no checkpoint is refused naming the file and what it holds.
+#[test]
+fn format_is_chosen_by_content_not_name() {
+    let dir = std::env::temp_dir().join(format!("dx-weights-names-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let want = all_tensors(&Checkpoint::open(fixture("resnet_tiny_plain.pth")).unwrap());
+    for (src, name) in [
+        ("resnet_tiny_plain.pth", "model_best.pth.tar"),
+        ("resnet_tiny_plain.pth", "weights"),
+        ("torch_views_legacy.pt", "old.ckpt"),
+    ] {
+        let path = dir.join(name);
+        std::fs::copy(fixture(src), &path).unwrap();
+        let c = Checkpoint::open(&path).unwrap();
+        if src == "resnet_tiny_plain.pth" {
+            assert_eq!(all_tensors(&c), want, "{name}");
+        } else {
+            assert_eq!(c.names().len(), 7, "{name}");
+        }
+    }
+    let st = dir.join("model.bin");
+    std::fs::copy(fixture("torch_views_expected.safetensors"), &st).unwrap();
+    assert_eq!(Checkpoint::open(&st).unwrap().names().len(), 7);
+
+    for (name, bytes, says) in [
+        (
+            "page.pth",
+            b"<!DOCTYPE html><html>".to_vec(),
+            "<!DOCTYPE html>",
+        ),
+        (
+            "lfs.safetensors",
+            b"version https://git-lfs.github.com/spec/v1\n".to_vec(),
+            "Git LFS pointer",
+        ),
+        ("empty.pt", vec![], "empty"),
+        (
+            "plain.pkl",
+            vec![0x80, 0x04, 0x95, 0, 0, 0, 0, 0, 0, 0, 0, b'.'],
+            "pickle",
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Checkpoint::open(&path).err().unwrap().to_string();
+        assert!(err.contains(name) && err.contains(says), "{name}: {err}");
+    }
+}
+
+/// The classifier loader (entry and prefix probing) reads the legacy copy as the zip one.
+#[test]
+fn classifier_checkpoint_from_a_legacy_pth_tar() {
+    use diffexplainer::models::classifiers::open_checkpoint;
+    let (legacy, norm_a) =
+        open_checkpoint(&fixture("robust_resnet_tiny_legacy.pth.tar"), "fc.weight").unwrap();
+    let (zip, norm_b) = open_checkpoint(&fixture("robust_resnet_tiny.pt"), "fc.weight").unwrap();
+    assert_eq!(legacy.prefix(), "module.model.");
+    assert_eq!(format!("{norm_a:?}"), format!("{norm_b:?}"));
+    assert!(norm_a.is_some());
+    assert_eq!(
+        values(&legacy.tensor("fc.weight").unwrap()),
+        values(&zip.tensor("fc.weight").unwrap())
+    );
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}

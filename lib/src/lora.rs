@@ -11,7 +11,20 @@
 //!   (also diffusers' older `.lora.down.weight` / `.lora.up.weight`), optional `.alpha`; the
 //!   component prefix (`unet.`) is optional.
 //!
-//! A missing `alpha` means `alpha = rank` (factor 1). Shapes: linear `up [out, r] @ down [r, in]`;
+//! The alpha of a module is, first found: its `.alpha` tensor; the safetensors header's
+//! `lora_adapter_metadata` (what diffusers' `save_lora_weights` writes from the PEFT
+//! `LoraConfig`: a JSON object whose keys carry the component, `unet.lora_alpha`, `unet.r`,
+//! `unet.alpha_pattern`, `unet.rank_pattern`, `unet.use_rslora`, ...; see [`AdapterConfig`]);
+//! else `alpha = rank` (factor 1). PEFT's `use_rslora` scales by `alpha / sqrt(rank)`.
+//!
+//! Components: kohya `lora_unet_` / diffusers `unet.` (and unprefixed dotted names, diffusers'
+//! oldest UNet-only format) are the UNet; kohya `lora_te_` / `text_encoder.` the CLIP text
+//! encoder, matched with or without its `text_model.` prefix. SDXL's second text encoder
+//! (`lora_te1_`, `lora_te2_`, `text_encoder_2.`) is refused: this program runs one text
+//! encoder. [`Lora::components`] counts the modules of each, so a caller can make sure every
+//! module is fused somewhere: nothing in a LoRA is skipped silently.
+//!
+//! A missing alpha means `alpha = rank` (factor 1). Shapes: linear `up [out, r] @ down [r, in]`;
 //! 1x1 conv `[out, r, 1, 1]`, `[r, in, 1, 1]`; kxk conv `up [out, r, 1, 1] ∘ down [r, in, k, k]`;
 //! all are `up.flatten(1) @ down.flatten(1)` reshaped to the weight's shape (a linear LoRA on a
 //! 1x1 conv weight fits too). Fusion runs in f32 (f64 for f64 weights) and the fused weights are
@@ -49,9 +62,118 @@ impl LoraTarget {
 }
 
 /// Prefixes of components a LoRA file may also hold; keys under another target's prefix are
-/// skipped (counted in the report), not errors.
+/// skipped by [`Lora::fused_weights`] (counted in the report), not errors.
 const KOHYA_COMPONENTS: [&str; 4] = ["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"];
 const DOTTED_COMPONENTS: [&str; 3] = ["unet.", "text_encoder.", "text_encoder_2."];
+
+/// The component a LoRA module name belongs to: `"unet"`, `"text_encoder"`, or another
+/// (`"text_encoder_2"` for SDXL's `lora_te1_`/`lora_te2_`/`text_encoder_2.`).
+fn component_of(module: &str) -> &'static str {
+    if module.starts_with("lora_unet_") || module.starts_with("unet.") {
+        "unet"
+    } else if module.starts_with("lora_te_") || module.starts_with("text_encoder.") {
+        "text_encoder"
+    } else if module.starts_with("lora_te1_")
+        || module.starts_with("lora_te2_")
+        || module.starts_with("text_encoder_2.")
+    {
+        "text_encoder_2"
+    } else {
+        // diffusers' oldest format: UNet module paths with no component prefix.
+        "unet"
+    }
+}
+
+/// The PEFT `LoraConfig` fields that change the fused weights, for one component, as
+/// diffusers stores them in the safetensors header (`lora_adapter_metadata`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct AdapterConfig {
+    /// The default rank.
+    pub r: Option<usize>,
+    /// The default alpha.
+    pub lora_alpha: Option<f64>,
+    /// Per-module alphas, by PEFT pattern (a module path or its dotted suffix).
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Per-module ranks, by pattern (checked against the tensors' ranks).
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// rsLoRA: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// DoRA (a magnitude vector per module): not supported, refused.
+    #[serde(default)]
+    pub use_dora: bool,
+}
+
+impl AdapterConfig {
+    /// The value of the most specific pattern that matches `module` (PEFT matches a pattern
+    /// as the whole path or a `.`-separated suffix of it; the longest match wins here).
+    fn lookup<T: Copy>(patterns: &BTreeMap<String, T>, module: &str) -> Option<T> {
+        patterns
+            .iter()
+            .filter(|(p, _)| module == p.as_str() || module.ends_with(&format!(".{p}")))
+            .max_by_key(|(p, _)| p.len())
+            .map(|(_, v)| *v)
+    }
+}
+
+/// Reads `lora_adapter_metadata` from a safetensors header: component -> config. Keys are
+/// `<component>.<field>` (diffusers' `_pack_dict_with_prefix`); unprefixed keys are taken as
+/// the UNet's.
+fn adapter_configs(origin: &Path, bytes: &[u8]) -> Result<BTreeMap<String, AdapterConfig>> {
+    let Ok((_, metadata)) = safetensors::SafeTensors::read_metadata(bytes) else {
+        return Ok(BTreeMap::new());
+    };
+    let Some(text) = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("lora_adapter_metadata"))
+    else {
+        return Ok(BTreeMap::new());
+    };
+    let at = |e: &dyn std::fmt::Display| {
+        candle_core::Error::Msg(format!(
+            "{}: lora_adapter_metadata in the safetensors header: {e}",
+            origin.display()
+        ))
+    };
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| at(&e))?;
+    let serde_json::Value::Object(fields) = value else {
+        return Err(at(&"not a JSON object"));
+    };
+    let mut grouped: BTreeMap<String, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+    for (key, v) in fields {
+        let (component, field) = match key.split_once('.') {
+            Some((c, f)) => (c.to_string(), f.to_string()),
+            None => ("unet".to_string(), key),
+        };
+        grouped.entry(component).or_default().insert(field, v);
+    }
+    let mut configs = BTreeMap::new();
+    for (component, fields) in grouped {
+        let config: AdapterConfig =
+            serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| at(&e))?;
+        if config.use_dora {
+            return Err(at(&format!(
+                "`{component}.use_dora` is true: DoRA adapters are not supported"
+            )));
+        }
+        if let Some(p) = config
+            .alpha_pattern
+            .keys()
+            .chain(config.rank_pattern.keys())
+            .find(|p| p.chars().any(|c| "*?[]()|^$\\+{}".contains(c)))
+        {
+            return Err(at(&format!(
+                "`{component}` pattern `{p}` is a regular expression; only module paths are \
+                 supported"
+            )));
+        }
+        configs.insert(component, config);
+    }
+    Ok(configs)
+}
 
 /// (suffix, role) for the key formats read.
 const SUFFIXES: [(&str, Role); 7] = [
@@ -78,6 +200,15 @@ struct Module {
     alpha: Option<f64>,
 }
 
+/// How many LoRA modules each component has (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoraComponents {
+    pub unet: usize,
+    pub text_encoder: usize,
+    /// Modules for components this program does not run (SDXL's second text encoder), by name.
+    pub other: Vec<String>,
+}
+
 /// What a fusion did.
 #[derive(Debug, Clone, Default)]
 pub struct LoraReport {
@@ -87,22 +218,56 @@ pub struct LoraReport {
     pub other_components: usize,
 }
 
-/// A LoRA's tensors, as stored.
+/// A LoRA's tensors, as stored, and its adapter configs (from a safetensors header).
 pub struct Lora {
     origin: PathBuf,
     tensors: HashMap<String, Tensor>,
+    adapters: BTreeMap<String, AdapterConfig>,
 }
 
 impl Lora {
     /// Reads a LoRA file (`.safetensors`, or a PyTorch pickle).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let ckpt = Checkpoint::open(path.as_ref())?;
+        let path = path.as_ref();
+        let ckpt = Checkpoint::open(path)?;
         let tensors = ckpt
             .names()
             .into_iter()
             .map(|n| Ok((n.clone(), ckpt.tensor(&n)?)))
             .collect::<Result<_>>()?;
-        Ok(Self::from_tensors(path, tensors))
+        let adapters =
+            if crate::weights::Format::detect(path)? == crate::weights::Format::Safetensors {
+                let bytes = std::fs::read(path)
+                    .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+                adapter_configs(path, &bytes)?
+            } else {
+                BTreeMap::new()
+            };
+        Ok(Self::from_tensors(path, tensors).with_adapter_configs(adapters))
+    }
+
+    /// Sets the adapter configs by component (`"unet"`, `"text_encoder"`).
+    pub fn with_adapter_configs(mut self, adapters: BTreeMap<String, AdapterConfig>) -> Self {
+        self.adapters = adapters;
+        self
+    }
+
+    /// The adapter configs read from the file, by component.
+    pub fn adapter_configs(&self) -> &BTreeMap<String, AdapterConfig> {
+        &self.adapters
+    }
+
+    /// How many modules each component has.
+    pub fn components(&self) -> Result<LoraComponents> {
+        let mut c = LoraComponents::default();
+        for name in self.modules()?.keys() {
+            match component_of(name) {
+                "unet" => c.unet += 1,
+                "text_encoder" => c.text_encoder += 1,
+                _ => c.other.push(name.clone()),
+            }
+        }
+        Ok(c)
     }
 
     /// Wraps tensors already in memory; `origin` names them in messages.
@@ -110,6 +275,7 @@ impl Lora {
         Self {
             origin: origin.as_ref().to_path_buf(),
             tensors,
+            adapters: BTreeMap::new(),
         }
     }
 
@@ -198,10 +364,18 @@ impl Lora {
         let mut ambiguous = vec![];
         let mut other_components = 0;
         let mut ours = 0;
+        // The text encoder's LoRA names its modules `text_model.encoder...`; a checkpoint may
+        // lack that prefix (the model loads either way), so it is also tried without it.
+        let optional = (target == LoraTarget::TEXT_ENCODER).then_some("text_model");
         for (name, module) in &modules {
             let path: Option<String> = if let Some(rest) = name.strip_prefix(target.kohya_prefix) {
                 ours += 1;
-                match by_underscores.get(rest).map(Vec::as_slice) {
+                let found = by_underscores.get(rest).or_else(|| {
+                    optional
+                        .and_then(|o| rest.strip_prefix(&format!("{o}_")))
+                        .and_then(|r| by_underscores.get(r))
+                });
+                match found.map(Vec::as_slice) {
                     Some([one]) => Some(one.to_string()),
                     Some(many) => {
                         ambiguous.push(format!("{name} -> {}", many.join(" | ")));
@@ -212,13 +386,19 @@ impl Lora {
             } else if KOHYA_COMPONENTS.iter().any(|p| name.starts_with(p))
                 || (DOTTED_COMPONENTS.iter().any(|p| name.starts_with(p))
                     && !name.starts_with(target.dotted_prefix))
+                || component_of(name) != target.name
             {
                 other_components += 1;
                 continue;
             } else {
                 ours += 1;
                 let p = name.strip_prefix(target.dotted_prefix).unwrap_or(name);
-                known.contains(p).then(|| p.to_string())
+                let without = optional.and_then(|o| p.strip_prefix(&format!("{o}.")));
+                if known.contains(p) {
+                    Some(p.to_string())
+                } else {
+                    without.filter(|w| known.contains(w)).map(str::to_string)
+                }
             };
             match path {
                 Some(p) => {
@@ -263,11 +443,21 @@ impl Lora {
             )
         }
 
+        let adapter = self.adapters.get(target.name);
         let mut fused = HashMap::new();
         for (path, (name, module)) in &resolved {
             let key = format!("{path}.weight");
             let w = base.tensor(&key)?;
-            let w_new = fuse_one(&w, module, scale).map_err(|e| {
+            // PEFT patterns name the module path inside the component, with the
+            // `text_model.` prefix for the text encoder (transformers' names).
+            let peft_path = name
+                .strip_prefix(target.dotted_prefix)
+                .map(str::to_string)
+                .unwrap_or_else(|| match optional {
+                    Some(o) if !path.starts_with(&format!("{o}.")) => format!("{o}.{path}"),
+                    _ => path.clone(),
+                });
+            let w_new = fuse_one(&w, module, scale, adapter, &peft_path).map_err(|e| {
                 candle_core::Error::Msg(format!(
                     "{}: LoRA module `{name}` on `{key}`: {e}",
                     self.origin.display()
@@ -298,8 +488,15 @@ impl Lora {
     }
 }
 
-/// `W + scale * alpha / rank * up.flatten(1) @ down.flatten(1)`, reshaped to `W`'s shape.
-fn fuse_one(w: &Tensor, m: &Module, scale: f64) -> Result<Tensor> {
+/// `W + scale * alpha / rank * up.flatten(1) @ down.flatten(1)`, reshaped to `W`'s shape
+/// (`alpha / sqrt(rank)` with rsLoRA). `module` is the PEFT module path, for the patterns.
+fn fuse_one(
+    w: &Tensor,
+    m: &Module,
+    scale: f64,
+    adapter: Option<&AdapterConfig>,
+    module: &str,
+) -> Result<Tensor> {
     let dtype = if w.dtype() == DType::F64 {
         DType::F64
     } else {
@@ -324,12 +521,27 @@ fn fuse_one(w: &Tensor, m: &Module, scale: f64) -> Result<Tensor> {
             w.dims()
         )
     }
-    let alpha = m.alpha.unwrap_or(rank as f64);
+    if let Some(a) = adapter {
+        let want = AdapterConfig::lookup(&a.rank_pattern, module).or(a.r);
+        if let Some(want) = want.filter(|&r| r != rank) {
+            bail!("its rank is {rank} but the adapter metadata says {want}")
+        }
+    }
+    let alpha = m
+        .alpha
+        .or_else(|| adapter.and_then(|a| AdapterConfig::lookup(&a.alpha_pattern, module)))
+        .or_else(|| adapter.and_then(|a| a.lora_alpha))
+        .unwrap_or(rank as f64);
+    let denominator = if adapter.is_some_and(|a| a.use_rslora) {
+        (rank as f64).sqrt()
+    } else {
+        rank as f64
+    };
     let up = up.to_dtype(dtype)?.reshape((out, rank))?;
     let down = down.to_dtype(dtype)?.reshape((rank, inner))?;
     let delta = up
         .matmul(&down)?
-        .affine(scale * alpha / rank as f64, 0.0)?
+        .affine(scale * alpha / denominator, 0.0)?
         .reshape(w.dims())?;
     w.to_dtype(dtype)?.add(&delta)
 }

@@ -41,8 +41,10 @@ enum Command {
     Tokens {
         /// A run record folder, or a soft prompt .safetensors file.
         path: PathBuf,
+        /// The text encoder the prompt was optimized for (with a prompt file; a record names its
+        /// own models).
         #[command(flatten)]
-        model: ModelArgs,
+        model: DiffusionArgs,
         /// Tokens shown per vector.
         #[arg(long, default_value_t = 5)]
         top: usize,
@@ -59,7 +61,7 @@ enum Command {
         #[arg(long)]
         reproduce: bool,
         /// Where to regenerate (default: the record's own device).
-        #[arg(long)]
+        #[arg(long, requires = "reproduce")]
         device: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -80,9 +82,10 @@ enum Command {
     },
 }
 
-/// Which models: the embedded tiny default, a preset, a local folder or a cached Hub id.
+/// Which diffusion model: the embedded tiny default, a preset, a local folder or a cached Hub
+/// id, with an optional LoRA. Every option acts or is refused with the reason.
 #[derive(Args, Debug, Clone)]
-struct ModelArgs {
+struct DiffusionArgs {
     /// Diffusion preset: sd15-lcm (SD 1.5 + LCM-LoRA, 4 steps), sd-turbo (1 step), tiny
     /// (embedded random models; the default when no model is given).
     #[arg(long)]
@@ -97,14 +100,29 @@ struct ModelArgs {
     /// Use the embedded tiny random models (the default with no model arguments).
     #[arg(long, conflicts_with_all = ["preset", "model_dir", "hub"])]
     tiny: bool,
-    /// Seed of the tiny random models' weights.
-    #[arg(long, default_value_t = 0)]
-    tiny_seed: u64,
-    /// A LoRA to fuse into the UNet (e.g. LCM-LoRA's pytorch_lora_weights.safetensors).
+    /// Seed of the tiny random models' weights (default 0).
+    #[arg(long)]
+    tiny_seed: Option<u64>,
+    /// A LoRA to fuse into the UNet and, for its text-encoder modules, the text encoder (e.g.
+    /// LCM-LoRA's pytorch_lora_weights.safetensors; kohya or diffusers/PEFT keys).
     #[arg(long)]
     lora: Option<PathBuf>,
-    #[arg(long, default_value_t = 1.0)]
-    lora_scale: f64,
+    /// The LoRA's scale (default 1; with a preset, scales the preset's LoRA).
+    #[arg(long)]
+    lora_scale: Option<f64>,
+    /// f32, f16, bf16 or f64 for the diffusion models (default f32).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// cpu, cuda or cuda:N (needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// The models of an explanation: the diffusion model, sampling and the classifier.
+#[derive(Args, Debug, Clone)]
+struct ModelArgs {
+    #[command(flatten)]
+    diffusion: DiffusionArgs,
     /// Scheduler: lcm, euler_ancestral or ddim (default: the preset's, or the folder's class).
     #[arg(long)]
     scheduler: Option<String>,
@@ -118,16 +136,10 @@ struct ModelArgs {
     /// random ViT with the tiny models; required otherwise).
     #[arg(long)]
     classifier: Option<String>,
-    /// The classifier's checkpoint (.pth/.pt/.safetensors). Without it torchvision's file is
-    /// looked up in the torch hub cache.
-    #[arg(long)]
+    /// The classifier's checkpoint (safetensors or torch.save, zip or legacy format, whatever
+    /// its name). Without it torchvision's file is looked up in the torch hub cache.
+    #[arg(long, requires = "classifier")]
     classifier_checkpoint: Option<PathBuf>,
-    /// f32, f16, bf16 or f64 for the diffusion models.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// cpu, cuda or cuda:N (needs a build with --features cuda).
-    #[arg(long, default_value = "cpu")]
-    device: String,
 }
 
 #[derive(Args, Debug)]
@@ -177,7 +189,7 @@ struct ExplainArgs {
     /// Recompute UNet activations in backward (less memory).
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// The run record folder (default: runs/explain-<unix time>).
+    /// The run record folder (default: a new runs/explain-<unix time>[-N]).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Save the images every this many iterations (0: only at the end).
@@ -192,6 +204,12 @@ struct ExplainArgs {
 }
 
 fn main() {
+    // A user mistake prints the error chain only, also with RUST_BACKTRACE=1 (common among Rust
+    // users): library errors (candle's, anyhow's) capture backtraces under RUST_LIB_BACKTRACE,
+    // which falls back to RUST_BACKTRACE. Panics (bugs) still print theirs.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -262,17 +280,41 @@ fn parity(dirs: &[PathBuf], markdown: bool, device: &str) -> anyhow::Result<()> 
                     failed += 1
                 }
             }
+            Err(e) if markdown => {
+                println!("{}", markdown_error_row(case, &format!("{e:#}")));
+                eprintln!("{} ERROR: {e:#}", case.display());
+                failed += 1;
+            }
             Err(e) => {
                 println!("{} ERROR: {e:#}", case.display());
                 failed += 1;
             }
         }
     }
+    if markdown {
+        // A blank line ends the table: a line right after it would be read as one more row.
+        println!();
+    }
     println!("parity: {passed} passed, {failed} failed");
     if failed > 0 {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// A table row for a case that could not run: the error in the result column, one line, with
+/// the characters that would break the table escaped.
+fn markdown_error_row(case: &Path, error: &str) -> String {
+    let name = case
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let error = error
+        .replace('|', "\\|")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("| {name} | - | - | - | - | ERROR: {error} |")
 }
 
 fn markdown_row(report: &diffexplainer::parity::CaseReport) -> String {
@@ -307,29 +349,28 @@ fn markdown_row(report: &diffexplainer::parity::CaseReport) -> String {
     )
 }
 
-impl ModelArgs {
+impl DiffusionArgs {
     fn is_tiny(&self) -> bool {
         self.tiny
             || (self.preset.is_none() && self.model_dir.is_none() && self.hub.is_none())
             || self.preset.as_deref() == Some("tiny")
     }
 
-    fn classifier_spec(&self) -> anyhow::Result<ClassifierSpec> {
-        match &self.classifier {
-            Some(name) => ClassifierSpec::preset(name, self.classifier_checkpoint.clone()),
-            None if self.is_tiny() => Ok(ClassifierSpec::tiny()),
-            None => anyhow::bail!(
-                "--classifier is required with a real diffusion model (one of: {})",
-                CLASSIFIER_PRESETS
-                    .iter()
-                    .map(|p| p.0)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
+    /// Whether any model option was given (beyond --device).
+    fn any_given(&self) -> bool {
+        self.preset.is_some()
+            || self.model_dir.is_some()
+            || self.hub.is_some()
+            || self.tiny
+            || self.tiny_seed.is_some()
+            || self.lora.is_some()
+            || self.lora_scale.is_some()
+            || self.dtype.is_some()
     }
 
-    fn spec(&self) -> anyhow::Result<ModelSpec> {
+    /// The diffusion part of a spec (sampling defaults of the preset or folder), with
+    /// `classifier`. Options that would have no effect are refused here, before anything loads.
+    fn spec(&self, classifier: ClassifierSpec) -> anyhow::Result<ModelSpec> {
         if let Some(preset) = &self.preset {
             if !DIFFUSION_PRESETS.contains(&preset.as_str()) {
                 anyhow::bail!(
@@ -338,11 +379,56 @@ impl ModelArgs {
                 )
             }
         }
-        let classifier = self.classifier_spec()?;
+        if self.is_tiny() {
+            if let Some(dir) = &self.model_dir {
+                anyhow::bail!(
+                    "--model-dir {} has no effect with --preset tiny (the embedded random models \
+                     use no files); drop one of them",
+                    dir.display()
+                )
+            }
+            if let Some(repo) = &self.hub {
+                anyhow::bail!(
+                    "--hub {repo} has no effect with --preset tiny (the embedded random models \
+                     use no files); drop one of them"
+                )
+            }
+            if let Some(lora) = &self.lora {
+                anyhow::bail!(
+                    "--lora {} has no effect on the embedded tiny random models (a LoRA is \
+                     trained for one checkpoint's weights); use it with --model-dir, --hub or \
+                     a preset",
+                    lora.display()
+                )
+            }
+        } else if self.tiny_seed.is_some() {
+            anyhow::bail!(
+                "--tiny-seed only seeds the embedded tiny random models; it has no effect with \
+                 --preset, --model-dir or --hub"
+            )
+        }
+        // The model folder is checked (and named) first.
+        if let Some(dir) = &self.model_dir {
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "model folder {} not found (a diffusers folder: model_index.json, tokenizer/, \
+                     text_encoder/, unet/, vae/, scheduler/)",
+                    dir.display()
+                )
+            }
+        }
+        if let Some(path) = &self.lora {
+            if !path.is_file() {
+                anyhow::bail!("LoRA file {} not found", path.display())
+            }
+        }
+        let dtype = self.dtype.clone().unwrap_or_else(|| "f32".to_string());
+        diffexplainer::explain::bundle::parse_dtype(&dtype)?;
+
         let mut spec = if self.is_tiny() {
             ModelSpec {
                 classifier,
-                ..ModelSpec::tiny(self.tiny_seed)
+                ..ModelSpec::tiny(self.tiny_seed.unwrap_or(0))
             }
         } else if let Some(preset) = &self.preset {
             let mut spec = ModelSpec::preset(preset, self.model_dir.clone(), classifier)?;
@@ -377,9 +463,47 @@ impl ModelArgs {
         if let Some(path) = &self.lora {
             spec.lora = Some(LoraSpec {
                 source: FileSource::Path { path: path.clone() },
-                scale: self.lora_scale,
+                scale: 1.0,
             });
         }
+        if let Some(scale) = self.lora_scale {
+            match &mut spec.lora {
+                Some(lora) => lora.scale = scale,
+                None => anyhow::bail!(
+                    "--lora-scale has no effect without a LoRA (give --lora FILE, or a preset \
+                     that has one: sd15-lcm)"
+                ),
+            }
+        }
+        spec.dtype = dtype;
+        Ok(spec)
+    }
+}
+
+impl ModelArgs {
+    fn is_tiny(&self) -> bool {
+        self.diffusion.is_tiny()
+    }
+
+    fn classifier_spec(&self) -> anyhow::Result<ClassifierSpec> {
+        match &self.classifier {
+            Some(name) => ClassifierSpec::preset(name, self.classifier_checkpoint.clone()),
+            None if self.is_tiny() => Ok(ClassifierSpec::tiny()),
+            None => anyhow::bail!(
+                "--classifier is required with a real diffusion model (one of: {})",
+                CLASSIFIER_PRESETS
+                    .iter()
+                    .map(|p| p.0)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    fn spec(&self) -> anyhow::Result<ModelSpec> {
+        // The diffusion options first (the model folder is named before the classifier).
+        self.diffusion.spec(ClassifierSpec::tiny())?;
+        let mut spec = self.diffusion.spec(self.classifier_spec()?)?;
         if let Some(s) = &self.scheduler {
             spec.scheduler = Some(s.clone());
         }
@@ -389,8 +513,6 @@ impl ModelArgs {
         if let Some(r) = self.resolution {
             spec.resolution = r;
         }
-        diffexplainer::explain::bundle::parse_dtype(&self.dtype)?;
-        spec.dtype = self.dtype.clone();
         Ok(spec)
     }
 }
@@ -424,7 +546,7 @@ fn objective_of(args: &ExplainArgs) -> anyhow::Result<(Objective, Option<usize>)
 fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     let (objective, target_class) = objective_of(args)?;
     let spec = args.model.spec()?;
-    let device = parse_device(&args.model.device)?;
+    let device = parse_device(&args.model.diffusion.device)?;
     if args.tokens == 0 {
         anyhow::bail!("--tokens must be at least 1")
     }
@@ -477,9 +599,15 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         optimize,
         args.save_every,
     );
-    let out = match &args.out {
-        Some(dir) => dir.clone(),
-        None => PathBuf::from("runs").join(format!("explain-{}", config.started_at)),
+    let (out, created) = match &args.out {
+        Some(dir) => (dir.clone(), !dir.exists()),
+        None => (
+            diffexplainer::explain::record::create_free_dir(
+                Path::new("runs"),
+                &format!("explain-{}", config.started_at),
+            )?,
+            true,
+        ),
     };
 
     let cancel = CancelToken::new();
@@ -503,7 +631,8 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         .progress_chars("=> "),
     );
     let mut best = f64::NEG_INFINITY;
-    let (result, summary) = run_recorded(
+    let mut recorded = 0usize;
+    let run = run_recorded(
         &out,
         &pipeline,
         &mut prompt,
@@ -511,11 +640,22 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         &cancel,
         args.top,
         |m| {
+            recorded += 1;
             best = best.max(m.objective);
             bar.set_message(format!("objective {:.4} (best {best:.4})", m.objective));
             bar.inc(1);
         },
-    )?;
+    );
+    let (result, summary) = match run {
+        Ok(done) => done,
+        Err(e) => {
+            // No orphan records: a folder this run made that holds no iteration is removed.
+            if created && recorded == 0 {
+                let _ = std::fs::remove_dir_all(&out);
+            }
+            return Err(e);
+        }
+    };
     bar.finish_and_clear();
     if args.json {
         println!(
@@ -543,16 +683,25 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tokens(path: &Path, model: &ModelArgs, top: usize, json: bool) -> anyhow::Result<()> {
+fn tokens(path: &Path, model: &DiffusionArgs, top: usize, json: bool) -> anyhow::Result<()> {
     let device = parse_device(&model.device)?;
     let (prompt_path, spec) = if path.is_dir() {
+        if model.any_given() {
+            anyhow::bail!(
+                "{} is a run record, which names its own models: drop --preset, --model-dir, \
+                 --hub, --tiny, --tiny-seed, --lora, --lora-scale and --dtype (they would have \
+                 no effect)",
+                path.display()
+            )
+        }
         let record = RunRecord::open(path)?;
         (
             path.join(diffexplainer::explain::record::PROMPT_FILE),
             record.config.model,
         )
     } else {
-        (path.to_path_buf(), model.spec()?)
+        // Only the tokenizer and text encoder are loaded: no classifier is needed.
+        (path.to_path_buf(), model.spec(ClassifierSpec::tiny())?)
     };
     let prompt = SoftPrompt::load(&prompt_path, &device)?;
     let (tokenizer, text_encoder) = spec.load_text_encoder(&device)?;

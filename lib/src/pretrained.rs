@@ -9,11 +9,20 @@
 //! <dir>/scheduler/scheduler_config.json
 //! ```
 //!
-//! Weights are looked up as diffusers does: the single file `<stem>[.<variant>].safetensors`,
-//! else a sharded set named by `<stem>.safetensors.index[.<variant>].json`, else a PyTorch
-//! pickle `<stem>[.<variant>].bin`. A variant is chosen explicitly (`Some("fp16")` reads only
-//! `.fp16.` files, `None` only the plain ones), and a missing file is reported with the names
-//! tried and the weight files the folder does hold.
+//! Weight files are looked up under the names the writing library uses (diffusers'
+//! `utils/constants.py` for the UNet and VAE, transformers' `utils/__init__.py` for the text
+//! encoder), in the order they prefer them:
+//!
+//! | component | safetensors | sharded safetensors | pickle | sharded pickle |
+//! |---|---|---|---|---|
+//! | `unet/`, `vae/` | `diffusion_pytorch_model.safetensors` | `diffusion_pytorch_model.safetensors.index.json` | `diffusion_pytorch_model.bin` | `diffusion_pytorch_model.bin.index.json` |
+//! | `text_encoder/` | `model.safetensors` | `model.safetensors.index.json` | `pytorch_model.bin` | `pytorch_model.bin.index.json` |
+//!
+//! A variant goes before the last extension, as both libraries' `_add_variant`
+//! (`model.fp16.safetensors`, `model.safetensors.index.fp16.json`). A variant is chosen
+//! explicitly (`Some("fp16")` reads only `.fp16.` files, `None` only the plain ones). A file's
+//! format is then recognized by content ([`crate::weights::Format`]). When nothing matches,
+//! the error names the files tried and lists the files the folder holds.
 //!
 //! The models' own constructors sit on the models:
 //! [`UNet2DConditionModel::from_pretrained`](crate::models::unet::UNet2DConditionModel::from_pretrained),
@@ -36,8 +45,9 @@ pub struct Component {
     pub subfolder: &'static str,
     /// The config file in it.
     pub config: &'static str,
-    /// The weight files' stem (`"diffusion_pytorch_model"`); `None` for weight-free components.
-    pub weights: Option<&'static str>,
+    /// The weight files' stems: (safetensors, pickle), e.g. `("model", "pytorch_model")` for
+    /// transformers; `None` for weight-free components.
+    pub weights: Option<(&'static str, &'static str)>,
     /// What the component is, for messages (`"UNet2DConditionModel"`).
     pub what: &'static str,
 }
@@ -45,21 +55,21 @@ pub struct Component {
 pub const UNET: Component = Component {
     subfolder: "unet",
     config: "config.json",
-    weights: Some("diffusion_pytorch_model"),
+    weights: Some(("diffusion_pytorch_model", "diffusion_pytorch_model")),
     what: "UNet2DConditionModel",
 };
 
 pub const VAE: Component = Component {
     subfolder: "vae",
     config: "config.json",
-    weights: Some("diffusion_pytorch_model"),
+    weights: Some(("diffusion_pytorch_model", "diffusion_pytorch_model")),
     what: "AutoencoderKL",
 };
 
 pub const TEXT_ENCODER: Component = Component {
     subfolder: "text_encoder",
     config: "config.json",
-    weights: Some("model"),
+    weights: Some(("model", "pytorch_model")),
     what: "CLIPTextModel",
 };
 
@@ -120,85 +130,97 @@ struct ShardIndex {
     weight_map: std::collections::BTreeMap<String, String>,
 }
 
-/// The weight file(s) of a component for `variant`, in the order diffusers prefers them.
+/// The weight file(s) of a component for `variant`, in the order diffusers and transformers
+/// prefer them (see the module docs).
 pub fn weight_files(
     dir: impl AsRef<Path>,
     c: &Component,
     variant: Option<&str>,
 ) -> Result<Vec<PathBuf>> {
     let sub = component_dir(dir, c)?;
-    let Some(stem) = c.weights else {
+    let Some((st_stem, bin_stem)) = c.weights else {
         bail!("the {} has no weights", c.what)
     };
-    let single = add_variant(&format!("{stem}.safetensors"), variant);
-    let index = add_variant(&format!("{stem}.safetensors.index.json"), variant);
-    let pickle = add_variant(&format!("{stem}.bin"), variant);
-    if sub.join(&single).is_file() {
-        return Ok(vec![sub.join(single)]);
-    }
-    if sub.join(&index).is_file() {
-        let path = sub.join(&index);
+    let candidates = [
+        (format!("{st_stem}.safetensors"), false),
+        (format!("{st_stem}.safetensors.index.json"), true),
+        (format!("{bin_stem}.bin"), false),
+        (format!("{bin_stem}.bin.index.json"), true),
+    ]
+    .map(|(name, sharded)| (add_variant(&name, variant), sharded));
+    for (name, sharded) in &candidates {
+        let path = sub.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        if !sharded {
+            return Ok(vec![path]);
+        }
         let text = std::fs::read_to_string(&path)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
         let idx: ShardIndex = serde_json::from_str(&text).map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "{}: not a safetensors shard index: {e}",
-                path.display()
-            ))
+            candle_core::Error::Msg(format!("{}: not a shard index: {e}", path.display()))
         })?;
         let mut shards: Vec<PathBuf> = idx.weight_map.values().map(|f| sub.join(f)).collect();
         shards.sort();
         shards.dedup();
         if let Some(missing) = shards.iter().find(|f| !f.is_file()) {
             bail!(
-                "{}: shard {} listed in {index} is missing",
+                "{}: shard {} listed in {name} is missing",
                 sub.display(),
                 missing.display()
             )
         }
         return Ok(shards);
     }
-    if sub.join(&pickle).is_file() {
-        return Ok(vec![sub.join(pickle)]);
-    }
-    let present: Vec<String> = std::fs::read_dir(&sub)
+    let mut present: Vec<String> = std::fs::read_dir(&sub)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(stem) && !n.ends_with(".json"))
                 .collect()
         })
         .unwrap_or_default();
-    let hint = match (variant, present.is_empty()) {
-        (_, true) => "it holds no weight files".to_string(),
-        (Some(v), false) => format!(
-            "it holds {} (without the `{v}` variant, pass variant None)",
-            present.join(", ")
-        ),
-        (None, false) => format!(
-            "it holds {} (for a variant such as `{stem}.fp16.safetensors`, pass Some(\"fp16\"))",
-            present.join(", ")
-        ),
+    present.sort();
+    let holds = if present.is_empty() {
+        "the folder is empty".to_string()
+    } else {
+        format!("the folder holds {}", present.join(", "))
+    };
+    let variant_hint = match variant {
+        Some(v) => format!(" (only the `{v}` variant was looked for)"),
+        None if present.iter().any(|n| n.contains(".fp16.")) => {
+            " (only plain files were looked for; the `fp16` variant is there)".to_string()
+        }
+        None => String::new(),
+    };
+    let other = if present
+        .iter()
+        .any(|n| n.ends_with(".msgpack") || n.ends_with(".h5") || n.ends_with(".onnx"))
+    {
+        "; Flax (.msgpack), TensorFlow (.h5) and ONNX weights are not read: convert them to \
+         safetensors with the reference library"
+    } else {
+        ""
     };
     bail!(
-        "{}: no {} weights: expected {single} (or a sharded {index}, or {pickle}); {hint}",
+        "{}: no {} weights: looked for {}{variant_hint}; {holds}{other}",
         sub.display(),
         c.what,
+        candidates
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
     )
 }
 
-/// The component's weights as a [`Checkpoint`] (memory-mapped safetensors, or a pickle).
+/// The component's weights as a [`Checkpoint`] (each file's format recognized by content).
 pub fn open_weights(
     dir: impl AsRef<Path>,
     c: &Component,
     variant: Option<&str>,
 ) -> Result<Checkpoint> {
-    let files = weight_files(dir, c, variant)?;
-    if files.len() == 1 && files[0].extension().is_some_and(|e| e == "bin") {
-        Checkpoint::open_pickle(&files[0], None)
-    } else {
-        Checkpoint::open_safetensors(&files)
-    }
+    Checkpoint::open_all(&weight_files(dir, c, variant)?)
 }
 
 /// Reads a JSON config file and builds `T` from its value with `build` (parse, then check);

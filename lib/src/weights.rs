@@ -1,9 +1,12 @@
 //! Checkpoint loading with errors that name the file, the key and both shapes.
 //!
-//! A [`Checkpoint`] is a set of named tensors read from `.safetensors` (memory-mapped, loaded
-//! lazily) or a PyTorch pickle (`.pt`, `.pth`, `.bin`, `.ckpt`; optionally one entry of a dict,
-//! e.g. the `model` of a training checkpoint). It becomes a `VarBuilder`, so model constructors
-//! spell the checkpoint's own parameter names (`vb.pp("layer1").pp(0)`) with no renaming table.
+//! A [`Checkpoint`] is a set of named tensors read from safetensors (memory-mapped, loaded
+//! lazily) or a PyTorch `torch.save` file (the zip format of torch >= 1.6, or the legacy
+//! format before it, see [`torch_save`]; optionally one entry of a dict, e.g. the `model` of
+//! a training checkpoint). The format is chosen by the file's first bytes ([`Format::detect`]),
+//! never by its name: `model_best.pth.tar`, `x.pth`, `pytorch_model.bin` and `x.ckpt` are all
+//! `torch.save` files. It becomes a `VarBuilder`, so model constructors spell the checkpoint's
+//! own parameter names (`vb.pp("layer1").pp(0)`) with no renaming table.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,80 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use crate::rng::SeededRng;
+
+pub mod torch_save;
+
+/// A checkpoint file's format, recognized by content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// safetensors: an 8-byte little-endian header length, then a JSON header (`{`).
+    Safetensors,
+    /// `torch.save` since torch 1.6: a zip archive (`PK\x03\x04`) holding `data.pkl`.
+    TorchZip,
+    /// `torch.save` before 1.6 (or `_use_new_zipfile_serialization=False`): pickles starting
+    /// with torch's magic number (see [`torch_save`]).
+    TorchLegacy,
+}
+
+impl Format {
+    /// Reads the first bytes of `path`; an error names the file and what was found there.
+    pub fn detect(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path).map_err(|e| {
+            candle_core::Error::Msg(format!("{}: cannot open: {e}", path.display()))
+        })?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut head = Vec::with_capacity(512);
+        file.by_ref()
+            .take(512)
+            .read_to_end(&mut head)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        if head.starts_with(b"PK\x03\x04") {
+            return Ok(Self::TorchZip);
+        }
+        if torch_save::has_magic(&head) {
+            return Ok(Self::TorchLegacy);
+        }
+        if head.len() > 8 && head[8] == b'{' {
+            let header = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            if header.saturating_add(8) <= len {
+                return Ok(Self::Safetensors);
+            }
+        }
+        let found = if head.is_empty() {
+            "the file is empty".to_string()
+        } else if head.starts_with(b"version https://git-lfs") {
+            "a Git LFS pointer, not the weights (fetch them with `git lfs pull`)".to_string()
+        } else if head.len() > 262 && &head[257..262] == b"ustar" {
+            "a tar archive (torch.save's oldest format is not supported; load and re-save it \
+             with a recent torch)"
+                .to_string()
+        } else if head[0] == 0x80 {
+            "a Python pickle without torch's magic number (not a torch.save file)".to_string()
+        } else if head.starts_with(b"\x1f\x8b") {
+            "gzip-compressed data (decompress it first)".to_string()
+        } else {
+            let shown: Vec<String> = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            let text: String = head
+                .iter()
+                .take(16)
+                .map(|&b| {
+                    if b.is_ascii_graphic() || b == b' ' {
+                        b as char
+                    } else {
+                        '.'
+                    }
+                })
+                .collect();
+            format!("it starts with bytes {} (\"{text}\")", shown.join(" "))
+        };
+        candle_core::bail!(
+            "{}: not a checkpoint format this program reads (safetensors, or a torch.save file \
+             in the zip or legacy format): {found}",
+            path.display()
+        )
+    }
+}
 
 /// Where tensors come from: memory-mapped safetensors files, or tensors already in memory.
 enum Store {
@@ -34,16 +111,47 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens a checkpoint, choosing the reader by extension.
+    /// Opens a checkpoint, choosing the reader by the file's content ([`Format::detect`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("safetensors") => Self::open_safetensors(&[path]),
-            Some("pt" | "pth" | "bin" | "ckpt") => Self::open_pickle(path, None),
-            _ => candle_core::bail!(
-                "{}: unknown checkpoint format (expected .safetensors, .pt, .pth, .bin or .ckpt)",
-                path.display()
-            ),
+        if !path.exists() {
+            candle_core::bail!("{}: checkpoint file not found", path.display())
+        }
+        match Format::detect(path)? {
+            Format::Safetensors => Self::open_safetensors(&[path]),
+            Format::TorchZip | Format::TorchLegacy => Self::open_pickle(path, None),
+        }
+    }
+
+    /// Opens one file ([`Checkpoint::open`]) or the shards of one checkpoint: safetensors
+    /// shards are memory-mapped together, `torch.save` shards are read into memory.
+    pub fn open_all(paths: &[impl AsRef<Path>]) -> Result<Self> {
+        match paths {
+            [] => candle_core::bail!("no checkpoint files given"),
+            [one] => Self::open(one),
+            many => {
+                let formats = many
+                    .iter()
+                    .map(|p| Format::detect(p.as_ref()))
+                    .collect::<Result<Vec<_>>>()?;
+                if formats.iter().all(|f| *f == Format::Safetensors) {
+                    return Self::open_safetensors(many);
+                }
+                let mut tensors = HashMap::new();
+                for p in many {
+                    let shard = Self::open(p)?;
+                    for n in shard.names() {
+                        tensors.insert(n.clone(), shard.tensor(&n)?);
+                    }
+                }
+                let files: Vec<PathBuf> = many.iter().map(|p| p.as_ref().to_path_buf()).collect();
+                Ok(Self {
+                    files,
+                    store: Store::Memory(tensors),
+                    prefix: String::new(),
+                    overlay: HashMap::new(),
+                })
+            }
         }
     }
 
@@ -70,14 +178,25 @@ impl Checkpoint {
         })
     }
 
-    /// Reads a PyTorch pickle checkpoint. `key` selects one entry of a top-level dict (e.g.
-    /// `Some("model")` or `Some("state_dict")`); `None` reads a bare state dict.
+    /// Reads a `torch.save` checkpoint (zip or legacy format, by content). `key` selects one
+    /// entry of a top-level dict (e.g. `Some("model")` or `Some("state_dict")`); `None` reads a
+    /// bare state dict.
     pub fn open_pickle(path: impl AsRef<Path>, key: Option<&str>) -> Result<Self> {
         let path = path.as_ref();
         if !path.exists() {
             candle_core::bail!("{}: checkpoint file not found", path.display())
         }
-        let tensors = candle_core::pickle::read_all_with_key(path, key).map_err(|e| {
+        let read = match Format::detect(path)? {
+            Format::TorchZip => torch_save::read_zip(path, key),
+            Format::TorchLegacy => std::fs::read(path)
+                .map_err(candle_core::Error::wrap)
+                .and_then(|bytes| torch_save::read_legacy(&bytes, key)),
+            Format::Safetensors => candle_core::bail!(
+                "{}: a safetensors file, not a torch.save file",
+                path.display()
+            ),
+        };
+        let tensors = read.map_err(|e| {
             candle_core::Error::Msg(format!(
                 "{}: cannot read as a PyTorch checkpoint{}: {e}",
                 path.display(),

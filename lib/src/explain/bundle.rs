@@ -279,10 +279,14 @@ impl ModelSpec {
                 ClipTokenizer::embedded()?,
                 ClipTextModel::new(seeded_vb(*seed, 1, dtype, device), &tiny::clip_config())?,
             )),
-            DiffusionSource::Dir { path } => load_text_dir(path, dtype, device),
+            DiffusionSource::Dir { path } => {
+                let lora = resolve_lora(self.lora.as_ref())?;
+                load_text_dir(path, dtype, device, lora.as_ref())
+            }
             DiffusionSource::Hub { repo, revision } => {
                 let (dir, _) = resolve_hub_model(repo, revision.as_deref())?;
-                load_text_dir(&dir, dtype, device)
+                let lora = resolve_lora(self.lora.as_ref())?;
+                load_text_dir(&dir, dtype, device, lora.as_ref())
             }
         }
     }
@@ -389,8 +393,25 @@ impl ModelBundle {
         if let Some(spacing) = &spec.timestep_spacing {
             scheduler_config.timestep_spacing = Some(spacing.clone());
         }
-        // Fail now, not at the first iteration.
-        scheduler_kind.build(&scheduler_config)?;
+        // Fail now, not at the first iteration, saying which config file to change.
+        scheduler_kind.build(&scheduler_config).with_context(|| {
+            let file = match &spec.diffusion {
+                DiffusionSource::Tiny { .. } => "the embedded tiny default's config".to_string(),
+                DiffusionSource::Dir { path } => path
+                    .join("scheduler")
+                    .join("scheduler_config.json")
+                    .display()
+                    .to_string(),
+                DiffusionSource::Hub { repo, .. } => {
+                    format!("scheduler/scheduler_config.json of {repo} in the Hugging Face cache")
+                }
+            };
+            format!(
+                "scheduler `{}` cannot run with {file}; fix that file or choose another \
+                 --scheduler (lcm, euler_ancestral, ddim)",
+                spec.scheduler.as_deref().unwrap_or("of the folder")
+            )
+        })?;
         if spec.steps == 0 {
             anyhow::bail!("the number of sampling steps must be at least 1")
         }
@@ -461,10 +482,17 @@ impl ModelBundle {
 
     fn check(&self) -> anyhow::Result<()> {
         let f = self.vae_scale_factor();
-        if self.spec.resolution == 0 || self.spec.resolution % f != 0 {
+        let r = self.spec.resolution;
+        if r == 0 || r % f != 0 {
+            let below = r / f * f;
+            let nearest = if below == 0 {
+                format!("{f}")
+            } else {
+                format!("{below} or {}", below + f)
+            };
             anyhow::bail!(
-                "resolution {} is not a positive multiple of the VAE's scale factor {f}",
-                self.spec.resolution
+                "resolution {r} is not a positive multiple of the VAE's scale factor {f} \
+                 (each latent covers {f}x{f} pixels); the nearest valid resolutions are {nearest}"
             )
         }
         let clip = self.text_encoder.config().hidden_size;
@@ -506,19 +534,16 @@ fn load_diffusers_dir(
     lora: Option<&(PathBuf, f64)>,
 ) -> anyhow::Result<Diffusion> {
     use crate::pretrained::{config_path, SCHEDULER, UNET, VAE};
-    let (tokenizer, text_encoder) = load_text_dir(dir, dtype, device)?;
+    let (tokenizer, text_encoder) = load_text_dir(dir, dtype, device, lora)?;
 
     let unet_cfg = UNet2DConditionConfig::from_file(config_path(dir, &UNET)?)?;
     let mut unet_ckpt = open_component_weights(dir, &UNET)?;
     if let Some((path, scale)) = lora {
-        let (fused, report) = Lora::open(path)?.fuse_into(unet_ckpt, LoraTarget::UNET, *scale)?;
-        if report.fused.is_empty() {
-            anyhow::bail!(
-                "{}: the LoRA adapts none of the UNet's weights",
-                path.display()
-            )
+        let lora = open_lora(path)?;
+        if lora.components()?.unet > 0 {
+            let (fused, _) = lora.fuse_into(unet_ckpt, LoraTarget::UNET, *scale)?;
+            unet_ckpt = fused;
         }
-        unet_ckpt = fused;
     }
     let unet = UNet2DConditionModel::new(unet_ckpt.into_var_builder(dtype, device), &unet_cfg)?;
 
@@ -565,16 +590,47 @@ fn open_component_weights(
     }
 }
 
-/// The tokenizer and text encoder of a diffusers folder.
+/// Opens a LoRA and checks that every module has a component here to go to (the UNet or the
+/// one text encoder): nothing may be skipped silently.
+fn open_lora(path: &Path) -> anyhow::Result<Lora> {
+    let lora = Lora::open(path)?;
+    let c = lora.components()?;
+    if !c.other.is_empty() {
+        anyhow::bail!(
+            "{}: {} LoRA module(s) are for a second text encoder (SDXL's lora_te1_/lora_te2_/\
+             text_encoder_2.), e.g. {}; this program runs Stable Diffusion 1.x/2.x with one text \
+             encoder, so this LoRA is for another model",
+            path.display(),
+            c.other.len(),
+            c.other[0]
+        )
+    }
+    if c.unet + c.text_encoder == 0 {
+        anyhow::bail!("{}: the LoRA holds no modules", path.display())
+    }
+    Ok(lora)
+}
+
+/// The tokenizer and text encoder of a diffusers folder, with the text-encoder modules of a
+/// LoRA fused in (kohya `lora_te_`, diffusers `text_encoder.`).
 fn load_text_dir(
     dir: &Path,
     dtype: DType,
     device: &Device,
+    lora: Option<&(PathBuf, f64)>,
 ) -> anyhow::Result<(ClipTokenizer, ClipTextModel)> {
     let tokenizer = ClipTokenizer::from_pretrained_dir(need_file(dir, "tokenizer")?)?;
     let text_encoder = crate::pretrained::TEXT_ENCODER;
     let text_cfg = ClipTextConfig::from_file(crate::pretrained::config_path(dir, &text_encoder)?)?;
-    let text_vb = open_component_weights(dir, &text_encoder)?.into_var_builder(dtype, device);
+    let mut ckpt = open_component_weights(dir, &text_encoder)?;
+    if let Some((path, scale)) = lora {
+        let lora = open_lora(path)?;
+        if lora.components()?.text_encoder > 0 {
+            let (fused, _) = lora.fuse_into(ckpt, LoraTarget::TEXT_ENCODER, *scale)?;
+            ckpt = fused;
+        }
+    }
+    let text_vb = ckpt.into_var_builder(dtype, device);
     Ok((tokenizer, ClipTextModel::new(text_vb, &text_cfg)?))
 }
 
@@ -712,6 +768,17 @@ pub mod tiny {
         })
     }
 
+    /// The scheduler config: every class's defaults, except `clip_sample` (DDIM's default
+    /// `true` clamps the predicted sample and cuts its gradient; Stable Diffusion's configs set
+    /// it to false too), so that every scheduler runs on the tiny default.
+    pub fn scheduler_json() -> serde_json::Value {
+        serde_json::json!({"_class_name": "LCMScheduler", "clip_sample": false})
+    }
+
+    pub fn scheduler_config() -> SchedulerConfig {
+        serde_json::from_value(scheduler_json()).expect("a valid scheduler config")
+    }
+
     pub fn clip_config() -> ClipTextConfig {
         serde_json::from_value(clip_json()).expect("a valid CLIP config")
     }
@@ -790,10 +857,7 @@ pub fn write_tiny_diffusers_folder(seed: u64, dir: &Path) -> anyhow::Result<()> 
         AutoencoderKL::decoder_only(vb, &tiny::vae_config()).map(drop)
     })?;
     save("vae/diffusion_pytorch_model.safetensors", &vae)?;
-    write_json(
-        "scheduler/scheduler_config.json",
-        &serde_json::json!({"_class_name": "LCMScheduler"}),
-    )?;
+    write_json("scheduler/scheduler_config.json", &tiny::scheduler_json())?;
     Ok(())
 }
 
@@ -836,7 +900,7 @@ fn tiny_diffusion(seed: u64, dtype: DType, device: &Device) -> anyhow::Result<Di
         text_encoder: ClipTextModel::new(seeded_vb(seed, 1, dtype, device), &tiny::clip_config())?,
         unet: UNet2DConditionModel::new(seeded_vb(seed, 2, dtype, device), &tiny::unet_config())?,
         vae: AutoencoderKL::decoder_only(seeded_vb(seed, 3, dtype, device), &tiny::vae_config())?,
-        scheduler_config: SchedulerConfig::default(),
+        scheduler_config: tiny::scheduler_config(),
     })
 }
 

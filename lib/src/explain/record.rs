@@ -507,6 +507,27 @@ impl RunRecord {
     }
 }
 
+/// Creates a new, empty folder `parent/stem` (or `stem-2`, `stem-3`, ... when taken) and
+/// returns it. `create_dir` fails when the name exists, so two runs started in the same second
+/// (the default stem is `explain-<unix seconds>`) never share a folder, even in parallel.
+pub fn create_free_dir(parent: &Path, stem: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create the folder {}", parent.display()))?;
+    for n in 1..10_000 {
+        let dir = if n == 1 {
+            parent.join(stem)
+        } else {
+            parent.join(format!("{stem}-{n}"))
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        }
+    }
+    anyhow::bail!("{}: no free name {stem}-N", parent.display())
+}
+
 /// A whole recorded run: creates the record in `dir`, runs [`super::optimize()`] writing every
 /// iteration as it goes (then calling `on_iteration`, e.g. for a progress bar), and finishes
 /// the record with the best prompt's nearest tokens (`top_k` per vector). A cancelled run is

@@ -574,8 +574,12 @@ impl AutoencoderKL {
     /// `(decode(unscale(latents)) / 2 + 0.5).clamp(0, 1)`. The clamp has zero gradient outside
     /// `[0, 1]` (see the module docs).
     pub fn decode_to_image(&self, latents: &Tensor) -> Result<Tensor> {
-        self.decode(&self.unscale_latents(latents)?)?
-            .affine(0.5, 0.5)?
-            .clamp(0.0, 1.0)
+        crate::ops::clamp(
+            &self
+                .decode(&self.unscale_latents(latents)?)?
+                .affine(0.5, 0.5)?,
+            0.0,
+            1.0,
+        )
     }
 }

@@ -24,6 +24,23 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
+/// `max(x, 0)` with PyTorch's gradient: 1 where `x > 0`, 0 elsewhere, `x = 0` included
+/// (candle's `relu` passes the gradient at 0, so a dead unit at exactly 0 would still learn).
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    let zeros = x.zeros_like()?;
+    x.gt(&zeros)?.where_cond(x, &zeros)
+}
+
+/// `x.clamp(lo, hi)` with PyTorch's gradient: 1 where `lo <= x <= hi`, bounds included, 0
+/// elsewhere (candle's `clamp`, built from `maximum`/`minimum`, halves it at a bound).
+pub fn clamp(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
+    let low = Tensor::full(lo, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    let high = Tensor::full(hi, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    let inside = x.ge(&low)?.mul(&x.le(&high)?)?;
+    let outside = x.lt(&low)?.where_cond(&low, &high)?;
+    inside.where_cond(x, &outside)
+}
+
 /// An activation named the way checkpoint configs name it (`hidden_act`, `act_fn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -45,7 +62,7 @@ impl candle_core::Module for Activation {
             Activation::GeluNew => gelu_tanh(x),
             Activation::QuickGelu => quick_gelu(x),
             Activation::Silu => silu(x),
-            Activation::Relu => x.relu(),
+            Activation::Relu => relu(x),
         }
     }
 }

@@ -23,7 +23,7 @@ pub mod pool;
 pub mod resize;
 pub mod softmax;
 
-pub use activation::{gelu_erf, gelu_tanh, quick_gelu, silu, Activation};
+pub use activation::{clamp, gelu_erf, gelu_tanh, quick_gelu, relu, silu, Activation};
 pub use attention::{scaled_dot_product_attention, AttentionMask};
 pub use frozen::{
     conv2d, conv2d_input_grad, conv2d_no_bias, linear, linear_no_bias, Conv2d, Conv2dConfig,

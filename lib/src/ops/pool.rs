@@ -6,9 +6,21 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 /// PyTorch `F.max_pool2d(x, kernel, stride, padding)` (floor mode, padding with -inf).
+///
+/// The gradient goes to one input per window, the first maximum in row-major window order,
+/// as PyTorch's (its kernels keep the index of the first `val > max`); ties are common in
+/// f16/bf16 and after ReLU. candle's `max` would give it to every tied maximum.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     let views = window_views(x, kernel, stride, padding, f64::NEG_INFINITY)?;
-    Tensor::stack(&views, 0)?.max(0)
+    let stacked = Tensor::stack(&views, 0)?;
+    // argmax returns the first index of the maximum; select that view's value per position.
+    let first = stacked.detach().argmax_keepdim(0)?;
+    let offsets = Tensor::arange(0u32, views.len() as u32, x.device())?
+        .reshape((views.len(), 1, 1, 1, 1))?
+        .broadcast_as(stacked.shape())?;
+    let chosen = offsets.broadcast_eq(&first)?;
+    let zeros = stacked.zeros_like()?;
+    chosen.where_cond(&stacked, &zeros)?.sum(0)
 }
 
 /// PyTorch `F.avg_pool2d(x, kernel, stride, padding)` with its default `count_include_pad=True`:

@@ -121,6 +121,7 @@ fn resize_bilinear(case: &CaseInputs) -> anyhow::Result<Outputs> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PreprocessOption {
     resize: Option<usize>,
     #[serde(default)]

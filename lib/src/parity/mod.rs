@@ -17,7 +17,10 @@ pub use kinds::KINDS;
 pub const DEFAULT_FORWARD_REL: f64 = 1e-4;
 pub const DEFAULT_GRAD_REL: f64 = 1e-3;
 
+/// `case.json`. Unknown keys are errors: a misspelled `grad_input` would otherwise switch the
+/// gradient comparison off and let a failing case pass.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CaseSpec {
     pub kind: String,
     #[serde(default)]
@@ -32,6 +35,7 @@ pub struct CaseSpec {
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Tolerance {
     #[serde(default = "default_forward")]
     pub forward_rel: f64,
@@ -64,6 +68,9 @@ pub struct CaseInputs<'a> {
     pub weights: Option<candle_nn::VarBuilder<'static>>,
     /// Inputs by name; those in `grad_inputs` are `Var`s' tensors (tracked by autograd).
     pub inputs: HashMap<String, Tensor>,
+    /// The option names the runner asked for: any other option in `case.json` had no effect,
+    /// which is an error (see [`run_case_on`]).
+    read_options: std::cell::RefCell<Vec<String>>,
 }
 
 impl CaseInputs<'_> {
@@ -96,6 +103,7 @@ impl CaseInputs<'_> {
     }
 
     pub fn option<T: serde::de::DeserializeOwned>(&self, name: &str) -> anyhow::Result<Option<T>> {
+        self.read_options.borrow_mut().push(name.to_string());
         match self.options.get(name) {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
@@ -230,18 +238,79 @@ pub fn run_case_on(dir: impl AsRef<Path>, device: &Device) -> anyhow::Result<Cas
         }
     }
 
+    match &spec.options {
+        serde_json::Value::Object(_) | serde_json::Value::Null => {}
+        other => anyhow::bail!(
+            "{}: `options` must be an object, found {other}",
+            dir.join("case.json").display()
+        ),
+    }
     let case = CaseInputs {
         dir,
         config,
         options: &spec.options,
         weights,
         inputs,
+        read_options: Default::default(),
     };
     let outputs = runner(&case)
         .map_err(|e| anyhow::anyhow!("{}: running kind `{}`: {e:#}", dir.display(), spec.kind))?;
+    if let serde_json::Value::Object(given) = &spec.options {
+        let read = case.read_options.borrow();
+        let mut unknown: Vec<&str> = given
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !read.iter().any(|r| r == k))
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort();
+            let mut known: Vec<&str> = read.iter().map(String::as_str).collect();
+            known.sort();
+            known.dedup();
+            anyhow::bail!(
+                "{}: option(s) {} have no effect for kind `{}` here (it read: {})",
+                dir.join("case.json").display(),
+                unknown
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                spec.kind,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )
+        }
+    }
 
     let expected = load_safetensors(&dir.join("expected.safetensors"))?;
     let cotangents = load_safetensors(&dir.join("cotangents.safetensors"))?;
+    // Every reference tensor is compared: one left out (a `grad.x` whose input is missing from
+    // `grad_inputs`) would be a check silently skipped.
+    let mut unused: Vec<&String> = expected
+        .keys()
+        .filter(|k| {
+            !spec.outputs.contains(k)
+                && !k
+                    .strip_prefix("grad.")
+                    .is_some_and(|g| spec.grad_inputs.iter().any(|i| i == g))
+        })
+        .collect();
+    if !unused.is_empty() {
+        unused.sort();
+        anyhow::bail!(
+            "{}: expected.safetensors holds {} that case.json does not compare (list outputs \
+             in `outputs`, inputs whose gradient is checked in `grad_inputs`)",
+            dir.display(),
+            unused
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
     let mut comparisons = Vec::new();
     let mut objective: Option<Tensor> = None;
     for name in &spec.outputs {

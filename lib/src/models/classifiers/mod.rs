@@ -286,14 +286,11 @@ impl Classifier {
 /// input normalization the checkpoint declares beside the model, if any
 /// (`module.normalizer.new_mean` / `new_std` there).
 pub fn open_checkpoint(path: &Path, probe: &str) -> Result<(Checkpoint, Option<Normalization>)> {
-    let is_pickle = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("pt" | "pth" | "bin" | "ckpt")
-    );
+    if !path.exists() {
+        candle_core::bail!("{}: checkpoint file not found", path.display())
+    }
+    let is_pickle = crate::weights::Format::detect(path)? != crate::weights::Format::Safetensors;
     let candidates: Vec<Checkpoint> = if is_pickle {
-        if !path.exists() {
-            candle_core::bail!("{}: checkpoint file not found", path.display())
-        }
         // Try the wrapped entries first: reading a training checkpoint as a bare state dict
         // makes candle's reader complain on stderr about every non-tensor entry.
         let mut found: Vec<Checkpoint> = STATE_DICT_KEYS

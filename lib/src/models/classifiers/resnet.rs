@@ -176,14 +176,14 @@ impl Module for Block {
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
             y = bn.forward(&conv.forward(&y)?)?;
             if i != last {
-                y = y.relu()?;
+                y = crate::ops::relu(&y)?;
             }
         }
         let shortcut = match &self.downsample {
             Some(d) => d.forward(x)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        crate::ops::relu(&(y + shortcut)?)
     }
 }
 
@@ -238,7 +238,7 @@ impl ResNet {
 
     /// `x`: normalized images `[b, 3, h, w]`.
     pub fn forward_all(&self, x: &Tensor) -> Result<ResNetOutput> {
-        let x = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
+        let x = crate::ops::relu(&self.bn1.forward(&self.conv1.forward(x)?)?)?;
         // A 3×3/2 pool with padding: kernel != stride, so candle's own max_pool2d would cut the
         // gradient; ops::max_pool2d's backward is exact.
         let mut x = ops::max_pool2d(&x, 3, 2, 1)?;

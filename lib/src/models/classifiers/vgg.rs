@@ -187,11 +187,10 @@ impl Vgg {
             x = match layer {
                 Layer::Conv(conv, bn) => {
                     let y = conv.forward(&x)?;
-                    match bn {
+                    ops::relu(&match bn {
                         Some(bn) => bn.forward(&y)?,
                         None => y,
-                    }
-                    .relu()?
+                    })?
                 }
                 Layer::MaxPool => ops::max_pool2d(&x, 2, 2, 0)?,
             };
@@ -199,8 +198,8 @@ impl Vgg {
         let conv_features = x;
         let pooled = ops::adaptive_avg_pool2d(&conv_features, (POOL, POOL))?.flatten_from(1)?;
         // Dropouts are identities at inference.
-        let hidden = self.fc1.forward(&pooled)?.relu()?;
-        let penultimate = self.fc2.forward(&hidden)?.relu()?;
+        let hidden = ops::relu(&self.fc1.forward(&pooled)?)?;
+        let penultimate = ops::relu(&self.fc2.forward(&hidden)?)?;
         let logits = self.fc3.forward(&penultimate)?;
         Ok(VggOutput {
             logits,

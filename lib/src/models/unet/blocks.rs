@@ -152,9 +152,32 @@ impl Upsample2D {
     }
 }
 
+impl Upsample2D {
+    /// Upsamples to `size` (diffusers' `output_size`, the UNet's next skip's spatial size)
+    /// instead of twice the input: `F.interpolate(size=..., mode="nearest")` for a size of
+    /// `2n` or `2n - 1` picks source `floor(i * n / size) = floor(i / 2)`, i.e. the ×2 result
+    /// with its last row/column cut. A skip that is odd-sized (the downsampler rounded up)
+    /// therefore lines up with the upsampled tensor, as in diffusers.
+    pub fn forward_to(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let mut up = ops::upsample_nearest2x(x)?;
+        if let Some((out_h, out_w)) = size {
+            if !(2 * h - 1..=2 * h).contains(&out_h) || !(2 * w - 1..=2 * w).contains(&out_w) {
+                candle_core::bail!(
+                    "Upsample2D: cannot upsample {h}x{w} to {out_h}x{out_w} (expected 2x or 2x-1)"
+                )
+            }
+            if (out_h, out_w) != (2 * h, 2 * w) {
+                up = up.narrow(2, 0, out_h)?.narrow(3, 0, out_w)?;
+            }
+        }
+        self.conv.forward(&up)
+    }
+}
+
 impl Module for Upsample2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(&ops::upsample_nearest2x(x)?)
+        self.forward_to(x, None)
     }
 }
 
@@ -436,7 +459,18 @@ impl UpBlock {
             }
         }
         match &self.upsampler {
-            Some(up) => up.forward(&x),
+            // diffusers' `upsample_size`: the next skip's size (they differ from 2x when the
+            // sample's side is not a multiple of 2^downsamplers).
+            Some(up) => {
+                let size = match skips.last() {
+                    Some(next) => {
+                        let (_, _, h, w) = next.dims4()?;
+                        Some((h, w))
+                    }
+                    None => None,
+                };
+                up.forward_to(&x, size)
+            }
             None => Ok(x),
         }
     }

@@ -463,14 +463,10 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        let (b, _, h, w) = sample.dims4()?;
-        let factor = 1 << (self.down_blocks.len() - 1);
-        if h % factor != 0 || w % factor != 0 {
-            candle_core::bail!(
-                "UNet2DConditionModel: sample size {h}x{w} is not a multiple of {factor} \
-                 (2^downsamplers); diffusers then resizes the skips, which we do not"
-            )
-        }
+        // Any side works: a side that is not a multiple of 2^downsamplers rounds up at each
+        // downsampler and each upsampler is cut back to its skip's size (diffusers'
+        // `forward_upsample_size`), see `Upsample2D::forward_to`.
+        let (b, _, _, _) = sample.dims4()?;
         let timesteps = timesteps.flatten_all()?;
         let timesteps = match timesteps.dim(0)? {
             1 => timesteps.broadcast_as(b)?,
