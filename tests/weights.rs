@@ -84,12 +84,14 @@ fn corrupt_and_absent_files_are_errors_naming_the_path() {
         err.contains("absent.safetensors") && err.contains("not found"),
         "{err}"
     );
-    let err = Checkpoint::open(dir.join("model.onnx"))
-        .err()
-        .unwrap()
-        .to_string();
+    // An ONNX file (protobuf): refused by content, naming the file and its first bytes.
+    let onnx = dir.join("model.onnx");
+    std::fs::write(&onnx, b"\x08\x07\x12\x07pytorch\x1a\x052.1.0").unwrap();
+    let err = Checkpoint::open(&onnx).err().unwrap().to_string();
     assert!(
-        err.contains("model.onnx") && err.contains("unknown checkpoint format"),
+        err.contains("model.onnx")
+            && err.contains("not a checkpoint format")
+            && err.contains("08 07 12 07"),
         "{err}"
     );
 }

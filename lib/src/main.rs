@@ -544,8 +544,9 @@ fn objective_of(args: &ExplainArgs) -> anyhow::Result<(Objective, Option<usize>)
 }
 
 fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
-    let (objective, target_class) = objective_of(args)?;
+    // The model options first: the model folder is named before anything else.
     let spec = args.model.spec()?;
+    let (objective, target_class) = objective_of(args)?;
     let device = parse_device(&args.model.diffusion.device)?;
     if args.tokens == 0 {
         anyhow::bail!("--tokens must be at least 1")
