@@ -543,14 +543,40 @@ fn objective_of(args: &ExplainArgs) -> anyhow::Result<(Objective, Option<usize>)
     })
 }
 
+/// The explain options' own ranges, checked before anything loads or is written.
+fn check_run_args(args: &ExplainArgs) -> anyhow::Result<()> {
+    let at_least_one = [
+        ("--tokens", args.tokens),
+        ("--iterations", args.iterations),
+        ("--batch", args.batch),
+        ("--top", args.top),
+        ("--early-stop", args.early_stop.unwrap_or(1)),
+    ];
+    if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+        anyhow::bail!("{name} must be at least 1")
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        anyhow::bail!("--lr must be a positive number, got {}", args.lr)
+    }
+    if let Some(n) = args.max_grad_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
+        anyhow::bail!("--max-grad-norm must be a positive number, got {n}")
+    }
+    if let Some(g) = args.guidance.filter(|g| !(g.is_finite() && *g > 1.0)) {
+        anyhow::bail!(
+            "--guidance {g}: classifier-free guidance acts only above 1 (as in diffusers; at 1 the \
+             prediction is the conditional one alone, below it the prompt's effect shrinks, at 0 \
+             it has none); omit --guidance for no guidance"
+        )
+    }
+    Ok(())
+}
+
 fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     // The model options first: the model folder is named before anything else.
     let spec = args.model.spec()?;
     let (objective, target_class) = objective_of(args)?;
     let device = parse_device(&args.model.diffusion.device)?;
-    if args.tokens == 0 {
-        anyhow::bail!("--tokens must be at least 1")
-    }
+    check_run_args(args)?;
     let bundle = ModelBundle::load(&spec, &device)?;
     let options = PipelineOptions {
         batch: args.batch,

@@ -358,7 +358,16 @@ impl ModelBundle {
         };
         let mut spec = spec.clone();
         let diffusion = match &spec.diffusion {
-            DiffusionSource::Tiny { seed } => tiny_diffusion(*seed, dtype, device)?,
+            DiffusionSource::Tiny { seed } => {
+                if let Some(lora) = &spec.lora {
+                    anyhow::bail!(
+                        "a LoRA ({:?}) has no effect on the tiny random models: a LoRA is \
+                         trained for one checkpoint's weights",
+                        lora.source
+                    )
+                }
+                tiny_diffusion(*seed, dtype, device)?
+            }
             DiffusionSource::Dir { path } => {
                 let lora = resolve_lora(spec.lora.as_ref())?;
                 load_diffusers_dir(path, dtype, device, lora.as_ref())?
