@@ -338,9 +338,15 @@ fn options_without_effect_are_refused_before_anything_is_written() {
         &["--classifier"],
     );
     for (args, says) in [
-        (&["--iterations", "0"][..], "--iterations must be at least 1"),
+        (
+            &["--iterations", "0"][..],
+            "--iterations must be at least 1",
+        ),
         (&["--top", "0"][..], "--top must be at least 1"),
-        (&["--class", "1", "--early-stop", "0"][..], "--early-stop must be at least 1"),
+        (
+            &["--class", "1", "--early-stop", "0"][..],
+            "--early-stop must be at least 1",
+        ),
         (&["--lr=-1"][..], "--lr must be a positive"),
         (&["--guidance", "0"][..], "--guidance 0"),
         (&["--guidance", "1"][..], "only above 1"),

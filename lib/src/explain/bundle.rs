@@ -492,7 +492,7 @@ impl ModelBundle {
     fn check(&self) -> anyhow::Result<()> {
         let f = self.vae_scale_factor();
         let r = self.spec.resolution;
-        if r == 0 || r % f != 0 {
+        if r == 0 || !r.is_multiple_of(f) {
             let below = r / f * f;
             let nearest = if below == 0 {
                 format!("{f}")
