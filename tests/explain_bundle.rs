@@ -257,4 +257,19 @@ fn every_scheduler_runs_on_the_tiny_default() {
             assert!(v.iter().all(|x| x.is_finite()), "{scheduler}");
         }
     }
+    // A folder whose config leaves DDIM's `clip_sample` at its default (true): the error names
+    // the file to change and the other schedulers.
+    let config = dir.join("scheduler/scheduler_config.json");
+    std::fs::write(&config, r#"{"_class_name": "PNDMScheduler"}"#).unwrap();
+    let spec = ModelSpec {
+        scheduler: Some("ddim".to_string()),
+        ..folder_spec(dir.clone())
+    };
+    let e = format!("{:#}", ModelBundle::load(&spec, &Device::Cpu).unwrap_err());
+    assert!(
+        e.contains(config.to_str().unwrap())
+            && e.contains("clip_sample")
+            && e.contains("euler_ancestral"),
+        "{e}"
+    );
 }

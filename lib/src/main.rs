@@ -104,7 +104,8 @@ struct DiffusionArgs {
     #[arg(long)]
     tiny_seed: Option<u64>,
     /// A LoRA to fuse into the UNet and, for its text-encoder modules, the text encoder (e.g.
-    /// LCM-LoRA's pytorch_lora_weights.safetensors; kohya or diffusers/PEFT keys).
+    /// LCM-LoRA's pytorch_lora_weights.safetensors; kohya or diffusers/PEFT keys). With
+    /// --preset sd15-lcm it replaces the preset's LCM-LoRA.
     #[arg(long)]
     lora: Option<PathBuf>,
     /// The LoRA's scale (default 1; with a preset, scales the preset's LoRA).
