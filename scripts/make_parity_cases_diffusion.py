@@ -237,7 +237,7 @@ def unet_odd_size_case(out_dir):
     keep their numbers."""
     gen = torch.Generator().manual_seed(SEED + 11)
     model = tiny_unet(
-        block_out_channels=(8, 16, 16),
+        block_out_channels=(4, 8, 8),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
