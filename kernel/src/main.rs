@@ -12,6 +12,7 @@
 //! follow evcxr_jupyter 0.22 (MIT OR Apache-2.0).
 
 mod analysis;
+mod history;
 mod install;
 mod markers;
 mod server;

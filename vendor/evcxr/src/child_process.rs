@@ -7,8 +7,11 @@
 
 use crate::errors::Error;
 use crate::errors::bail;
+use crate::framing::Framer;
+use crate::framing::Piece;
 use crate::runtime;
-use std::io::BufReader;
+use std::collections::VecDeque;
+use std::io::Read;
 use std::process;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -18,7 +21,11 @@ pub(crate) struct ChildProcess {
     /// Whether cleanup of `process_handle` is the responsibility of another
     /// instance.
     process_disowned: bool,
-    stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    // diffexplainer vendored copy: stdout is read as bytes and split into text and control
+    // pieces (src/framing.rs) instead of `BufRead::lines`.
+    stdout: std::process::ChildStdout,
+    framer: Framer,
+    pieces: VecDeque<Piece>,
     // Only none while in drop.
     stdin: Option<std::process::ChildStdin>,
     command: Arc<Mutex<process::Command>>,
@@ -42,7 +49,11 @@ impl ChildProcess {
         command
             .args(user_args)
             .env(runtime::EVCXR_IS_RUNTIME_VAR, "1")
-            .env("RUST_BACKTRACE", "1")
+            // diffexplainer vendored copy: the embedding process's setting wins.
+            .env(
+                "RUST_BACKTRACE",
+                std::env::var("RUST_BACKTRACE").unwrap_or_else(|_| "1".to_owned()),
+            )
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -66,9 +77,8 @@ impl ChildProcess {
 
         let stdin = process.stdin.take();
         // Handle stderr by patching it through to a channel in our output struct.
-        let mut child_stderr =
-            std::io::BufRead::lines(BufReader::new(process.stderr.take().unwrap()));
-        let stdout = std::io::BufRead::lines(BufReader::new(process.stdout.take().unwrap()));
+        let child_stderr = process.stderr.take().unwrap();
+        let stdout = process.stdout.take().unwrap();
 
         // If we already have an Arc<Mutex<>> wrapping an old process, then
         // reuse it, putting our new process into it. If we don't, then create a
@@ -88,10 +98,14 @@ impl ChildProcess {
             let stderr_sender = Arc::clone(&stderr_sender);
             move || {
                 let stderr_sender = stderr_sender.lock().unwrap();
-                while let Some(Ok(line)) = child_stderr.next() {
-                    // Ignore errors, since it just means that the user of the library has dropped the receive end.
-                    let _ = stderr_sender.send(line);
-                }
+                // diffexplainer vendored copy: text chunks as they are written (partial lines
+                // included), invalid UTF-8 as U+FFFD. Upstream read lines and stopped at the first
+                // invalid byte, after which the child's writes to stderr failed (broken pipe).
+                // Send errors mean the receiver was dropped: keep reading so the pipe stays open.
+                crate::framing::read_text_chunks(child_stderr, |text| {
+                    let _ = stderr_sender.send(text);
+                    true
+                });
             }
         });
 
@@ -99,6 +113,8 @@ impl ChildProcess {
             process_handle,
             process_disowned: false,
             stdout,
+            framer: Framer::default(),
+            pieces: VecDeque::new(),
             stdin,
             command,
             stderr_sender,
@@ -141,11 +157,29 @@ impl ChildProcess {
         Ok(())
     }
 
-    pub(crate) fn recv_line(&mut self) -> Result<String, Error> {
-        Ok(self
-            .stdout
-            .next()
-            .ok_or_else(|| self.get_termination_error())??)
+    /// The next piece of the child's stdout: text as soon as it is read, or a control line.
+    pub(crate) fn recv_piece(&mut self) -> Result<Piece, Error> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(piece) = self.pieces.pop_front() {
+                return Ok(piece);
+            }
+            let n = match self.stdout.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => 0,
+            };
+            let mut out = Vec::new();
+            if n == 0 {
+                self.framer.finish(&mut out);
+                if out.is_empty() {
+                    return Err(self.get_termination_error());
+                }
+            } else {
+                self.framer.push(&buf[..n], &mut out);
+            }
+            self.pieces.extend(out);
+        }
     }
 
     fn get_termination_error(&mut self) -> Error {
@@ -154,8 +188,15 @@ impl ChildProcess {
         // just wait until we can aquire it, then drop it straight away.
         std::mem::drop(self.stderr_sender.lock().unwrap());
         let mut content = String::new();
-        while let Some(Ok(line)) = self.stdout.next() {
-            content.push_str(&line);
+        for piece in self.pieces.drain(..) {
+            if let Piece::Text(text) = piece {
+                content.push_str(&text);
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = self.stdout.read_to_end(&mut rest);
+        content.push_str(&String::from_utf8_lossy(&rest));
+        if !content.is_empty() && !content.ends_with('\n') {
             content.push('\n');
         }
         Error::SubprocessTerminated(match self.process_handle.lock().unwrap().wait() {

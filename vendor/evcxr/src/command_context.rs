@@ -81,6 +81,11 @@ impl CommandContext {
         self.eval_context.process_handle()
     }
 
+    /// diffexplainer vendored copy: see `EvalContext::cell_line`.
+    pub fn cell_line(&self, line: usize) -> Option<usize> {
+        self.eval_context.cell_line(line)
+    }
+
     pub fn variables_and_types(&self) -> impl Iterator<Item = (&str, &str)> {
         self.eval_context.variables_and_types()
     }

@@ -18,6 +18,9 @@ use crate::errors::Span;
 use crate::errors::SpannedMessage;
 use crate::errors::bail;
 use crate::evcxr_internal_runtime;
+use crate::framing::FRAME_GUARD;
+use crate::framing::FRAME_GUARD_ESCAPED;
+use crate::framing::Piece;
 use crate::item;
 use crate::module::Module;
 use crate::module::SoFile;
@@ -60,6 +63,10 @@ pub struct EvalContext {
     stdout_sender: crossbeam_channel::Sender<String>,
     analyzer: RustAnalyzer,
     initial_config: Config,
+    /// diffexplainer vendored copy: for each line of the last crate run (`src/lib.rs`), the
+    /// line of the user's cell it came from (1-based), so panic locations can be reported in
+    /// the cell's terms.
+    cell_lines: Vec<Option<usize>>,
 }
 
 #[derive(Clone, Debug)]
@@ -331,6 +338,51 @@ const GET_TYPE_NAME_DEF: &str = stringify!(
 );
 
 const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
+// diffexplainer vendored copy: printed (as a frame) before the final value's display, so its
+// `EVCXR_BEGIN_CONTENT` starts a line even after a partial line of user output.
+const FINAL_VALUE_FOLLOWS: &str = "EVCXR_FINAL_VALUE_FOLLOWS";
+
+/// diffexplainer vendored copy: payload of an error frame, `<hex type name> <hex message>`.
+fn parse_user_error(payload: &str, final_value: bool) -> UserError {
+    let mut parts = payload.split_whitespace();
+    UserError {
+        type_name: crate::framing::decode_hex(parts.next().unwrap_or_default()),
+        message: crate::framing::decode_hex(parts.next().unwrap_or_default()),
+        final_value,
+    }
+}
+
+/// diffexplainer vendored copy: std-only code placed in generated cells. `evcxr_report_error`
+/// prints an error frame; `evcxr_final_error` tells (by autoref specialisation) whether a final
+/// value is an `Err` whose error implements Display.
+const REPORT_ERROR_DEF: &str = r#"
+    fn evcxr_report_error(kind: &str, type_name: &str, message: &str) {
+        use std::fmt::Write as _;
+        use std::io::Write as _;
+        let mut line = String::from("\u{1e}EVCXR\u{1f}");
+        line.push_str(kind);
+        line.push(' ');
+        for b in type_name.bytes() { let _ = write!(line, "{:02x}", b); }
+        line.push(' ');
+        for b in message.bytes() { let _ = write!(line, "{:02x}", b); }
+        line.push('\n');
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+    }
+"#;
+
+const FINAL_ERROR_DEF: &str = r#"
+    trait EvcxrFinalError { fn evcxr_final_error(&self) -> Option<(&'static str, String)>; }
+    impl<T, E: std::fmt::Display> EvcxrFinalError for Result<T, E> {
+        fn evcxr_final_error(&self) -> Option<(&'static str, String)> {
+            match self { Err(e) => Some((std::any::type_name::<E>(), format!("{:#}", e))), Ok(_) => None }
+        }
+    }
+    trait EvcxrNotFinalError { fn evcxr_final_error(&self) -> Option<(&'static str, String)> { None } }
+    impl<T: ?Sized> EvcxrNotFinalError for &T {}
+"#;
 
 // Outputs from an EvalContext. This is a separate struct since users may want
 // destructure this and pass its components to separate threads.
@@ -442,6 +494,7 @@ impl EvalContext {
             stdout_sender,
             analyzer,
             initial_config,
+            cell_lines: Vec::new(),
         };
         let outputs = EvalContextOutputs {
             stdout: stdout_receiver,
@@ -674,6 +727,12 @@ impl EvalContext {
         self.child_process.process_handle()
     }
 
+    /// diffexplainer vendored copy: the line of the user's cell (1-based) that line `line` of
+    /// the last crate run (`src/lib.rs`, e.g. from a panic location) came from, if any.
+    pub fn cell_line(&self, line: usize) -> Option<usize> {
+        self.cell_lines.get(line.checked_sub(1)?).copied().flatten()
+    }
+
     pub(crate) fn restart_child_process(&mut self) -> Result<(), Error> {
         self.committed_state.variable_states.clear();
         self.committed_state.stored_variable_states.clear();
@@ -805,6 +864,12 @@ impl EvalContext {
     ) -> Result<ExecutionArtifacts, Error> {
         let code = state.code_to_compile(user_code, compilation_mode);
         let so_file = self.module.compile(&code, &state.config)?;
+        self.cell_lines = (1..=code.code_string().lines().count())
+            .map(|line| match code.origin_for_line(line) {
+                (CodeKind::OriginalUserCode(meta), offset) => Some(meta.start_line + offset),
+                _ => None,
+            })
+            .collect();
 
         if compilation_mode == CompilationMode::NoCatchExpectError {
             // Uh-oh, caller was expecting an error, return OK and the caller can return the
@@ -897,15 +962,42 @@ impl EvalContext {
 
         let mut got_panic = false;
         let mut lost_variables = Vec::new();
-        static MIME_OUTPUT: Lazy<Regex> =
-            Lazy::new(|| Regex::new("EVCXR_BEGIN_CONTENT ([^ ]+)").unwrap());
+        // diffexplainer vendored copy: stdout arrives as text and control pieces
+        // (src/framing.rs); text is forwarded as soon as it is read.
+        let mut content: Option<(String, String)> = None;
         loop {
-            let line = self.child_process.recv_line()?;
+            let (line, guarded) = match self.child_process.recv_piece()? {
+                Piece::Text(text) => {
+                    if let Some((_, c)) = &mut content {
+                        c.push_str(&text);
+                    } else {
+                        // Note, errors sending are ignored, since it just means the
+                        // user of the library has dropped the Receiver.
+                        let _ = self.stdout_sender.send(text);
+                    }
+                    continue;
+                }
+                Piece::Control { line, guarded } => (line, guarded),
+            };
             if line == runtime::EVCXR_EXECUTION_COMPLETE {
                 break;
             }
             if line == PANIC_NOTIFICATION {
                 got_panic = true;
+                content = None;
+            } else if line == "EVCXR_END_CONTENT" && content.is_some() {
+                let (mime_type, mut c) = content.take().unwrap();
+                if c.ends_with('\n') {
+                    c.pop();
+                }
+                output.content_by_mime_type.insert(mime_type, c);
+            } else if let Some((_, c)) = &mut content {
+                // A control line inside a content block is content.
+                if guarded {
+                    c.push_str(FRAME_GUARD);
+                }
+                c.push_str(&line);
+                c.push('\n');
             } else if line.starts_with(evcxr_input::GET_CMD) {
                 let is_password = line.starts_with(evcxr_input::GET_CMD_PASSWORD);
                 let prompt = line.split(':').nth(1).unwrap_or_default().to_owned();
@@ -914,7 +1006,9 @@ impl EvalContext {
                         prompt,
                         is_password,
                     }))?;
-            } else if line == evcxr_internal_runtime::USER_ERROR_OCCURRED {
+            } else if let Some(payload) =
+                line.strip_prefix(evcxr_internal_runtime::USER_ERROR_OCCURRED)
+            {
                 // A question mark operator in user code triggered an early
                 // return. Any newly defined variables won't have been stored.
                 state
@@ -922,32 +1016,28 @@ impl EvalContext {
                     .retain(|_variable_name, variable_state| {
                         variable_state.move_state != VariableMoveState::New
                     });
+                output.user_error = Some(parse_user_error(payload, false));
+            } else if let Some(payload) =
+                line.strip_prefix(evcxr_internal_runtime::FINAL_VALUE_IS_ERROR)
+            {
+                output.user_error = Some(parse_user_error(payload, true));
             } else if let Some(variable_name) =
                 line.strip_prefix(evcxr_internal_runtime::VARIABLE_CHANGED_TYPE)
             {
                 lost_variables.push(variable_name.to_owned());
-            } else if let Some(captures) = MIME_OUTPUT.captures(&line) {
-                let mime_type = captures[1].to_owned();
-                let mut content = String::new();
-                loop {
-                    let line = self.child_process.recv_line()?;
-                    if line == "EVCXR_END_CONTENT" {
-                        break;
-                    }
-                    if line == PANIC_NOTIFICATION {
-                        got_panic = true;
-                        break;
-                    }
-                    if !content.is_empty() {
-                        content.push('\n');
-                    }
-                    content.push_str(&line);
-                }
-                output.content_by_mime_type.insert(mime_type, content);
+            } else if let Some(mime_type) = line.strip_prefix("EVCXR_BEGIN_CONTENT ") {
+                let mime_type = mime_type.split(' ').next().unwrap_or_default().to_owned();
+                content = Some((mime_type, String::new()));
+            } else if line == FINAL_VALUE_FOLLOWS {
+                // Only there to start the final value's display on a new line.
             } else {
-                // Note, errors sending are ignored, since it just means the
-                // user of the library has dropped the Receiver.
-                let _ = self.stdout_sender.send(line);
+                // Not ours (e.g. a library's own frame): give it back as it was printed.
+                let raw = if guarded {
+                    format!("{FRAME_GUARD}{line}\n")
+                } else {
+                    format!("{line}\n")
+                };
+                let _ = self.stdout_sender.send(raw);
             }
         }
         if got_panic {
@@ -1126,6 +1216,20 @@ pub struct EvalOutputs {
     pub content_by_mime_type: HashMap<String, String>,
     pub timing: Option<Duration>,
     pub phases: Vec<PhaseDetails>,
+    /// diffexplainer vendored copy: an error that reached the cell's `?` or was the cell's final
+    /// value (`Err(e)`), so the embedding kernel can fail the cell.
+    pub user_error: Option<UserError>,
+}
+
+/// diffexplainer vendored copy: the error a cell ended with (see `EvalOutputs::user_error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserError {
+    /// `std::any::type_name` of the error, e.g. `core::num::error::ParseIntError`.
+    pub type_name: String,
+    /// The error formatted with `{:#}` (Display; anyhow's context chain on one line).
+    pub message: String,
+    /// Whether it was the final value (`Err(e)`) rather than an early return through `?`.
+    pub final_value: bool,
 }
 
 impl EvalOutputs {
@@ -1134,6 +1238,7 @@ impl EvalOutputs {
             content_by_mime_type: HashMap::new(),
             timing: None,
             phases: Vec::new(),
+            user_error: None,
         }
     }
 
@@ -1166,6 +1271,7 @@ impl EvalOutputs {
             (t1, t2) => t1.or(t2),
         };
         self.phases.append(&mut other.phases);
+        self.user_error = self.user_error.take().or(other.user_error);
     }
 }
 
@@ -1600,23 +1706,32 @@ impl ContextState {
     }
 
     fn error_trait_code(&self, for_analysis: bool) -> CodeBlock {
+        // diffexplainer vendored copy: the error goes to the embedding process as a frame
+        // (type name and message) instead of a line on stderr. Display is formatted with `{:#}`
+        // so anyhow errors carry their context chain.
+        let format_str = match self.config.error_fmt.format_str {
+            "{}" => "{:#}",
+            other => other,
+        };
         CodeBlock::new().generated(format!(
             r#"
             struct EvcxrUserCodeError {{}}
             impl<T: {}> From<T> for EvcxrUserCodeError {{
                 fn from(error: T) -> Self {{
-                    eprintln!("{}", error);
+                    let message = format!("{}", error);
                     {}
                     EvcxrUserCodeError {{}}
                 }}
             }}
         "#,
             self.config.error_fmt.format_trait,
-            self.config.error_fmt.format_str,
+            format_str,
             if for_analysis {
-                ""
+                "let _ = message;".to_owned()
             } else {
-                "println!(\"{}\", evcxr_internal_runtime::USER_ERROR_OCCURRED);"
+                format!(
+                    "{REPORT_ERROR_DEF}\nevcxr_report_error(evcxr_internal_runtime::USER_ERROR_OCCURRED, std::any::type_name::<T>(), &message);"
+                )
             }
         ))
     }
@@ -1697,14 +1812,18 @@ impl ContextState {
                     .generated("})) { ")
                     .generated("  Ok(_) => {}")
                     .generated("  Err(_) => {")
-                    .generated(format!("    println!(\"{PANIC_NOTIFICATION}\");"))
+                    .generated(format!(
+                        "    println!(\"{FRAME_GUARD_ESCAPED}{PANIC_NOTIFICATION}\");"
+                    ))
                     .generated("}}");
             } else {
                 code = code
                     .generated("if std::panic::catch_unwind(||{")
                     .add_all(user_code)
                     .generated("}).is_err() {")
-                    .generated(format!("    println!(\"{PANIC_NOTIFICATION}\");"))
+                    .generated(format!(
+                        "    println!(\"{FRAME_GUARD_ESCAPED}{PANIC_NOTIFICATION}\");"
+                    ))
                     .generated("}");
             }
         } else {
@@ -1713,6 +1832,9 @@ impl ContextState {
         if needs_variable_store {
             code = code.add_all(self.store_variable_statements(VariableMoveState::Available));
         }
+        // diffexplainer vendored copy: the cell's unflushed `print!` text belongs to this cell;
+        // the runtime's end marker goes through its own copy of std's stdout buffer.
+        code = code.generated("{ use std::io::Write as _; let _ = std::io::stdout().flush(); }");
         code = code.generated("evcxr_variable_store");
         code.generated("}")
     }
@@ -1818,9 +1940,22 @@ impl ContextState {
             } else if ast::Expr::can_cast(node.kind()) {
                 if statement_index == num_statements - 1 {
                     if self.config.display_final_expression {
+                        // diffexplainer vendored copy: a frame first, so the display starts a
+                        // line; a final value that is an `Err` is reported as the cell's error
+                        // (a frame) instead of being displayed.
+                        let follows = format!(
+                            "println!(\"{FRAME_GUARD_ESCAPED}{FINAL_VALUE_FOLLOWS}\");"
+                        );
+                        let report = format!(
+                            "{REPORT_ERROR_DEF}{FINAL_ERROR_DEF}\
+                             if let Some((t, m)) = evcxr_final.evcxr_final_error() {{ \
+                             evcxr_report_error(\"{}\", t, &m); }} else {{ ",
+                            evcxr_internal_runtime::FINAL_VALUE_IS_ERROR
+                        );
                         code_out = code_out.code_with_fallback(
                             // First we try calling .evcxr_display().
                             CodeBlock::new()
+                                .generated(follows.clone())
                                 .generated("(")
                                 .with_segment(segment.clone())
                                 .generated(").evcxr_display();")
@@ -1830,21 +1965,27 @@ impl ContextState {
                                 CodeBlock::new()
                                 .generated(SEND_TEXT_PLAIN_DEF)
                                 .generated(GET_TYPE_NAME_DEF)
-                                .generated("{ let r = &(")
+                                .generated("{ let evcxr_final = &(")
                                 .with_segment(segment)
+                                .generated(");")
+                                .generated(report)
+                                .generated(follows)
                                 .generated(format!(
-                                    "); evcxr_send_text_plain(&format!(\": {{}} = {}\", evcxr_get_type_name(r), r)); }};",
+                                    "evcxr_send_text_plain(&format!(\": {{}} = {}\", evcxr_get_type_name(evcxr_final), evcxr_final)); }} }};",
                                     self.config.output_format
                                 ))
                             } else {
                                 CodeBlock::new()
                                 .generated(SEND_TEXT_PLAIN_DEF)
+                                .generated("{ let evcxr_final = &(\n")
+                                .with_segment(segment)
+                                .generated(");")
+                                .generated(report)
+                                .generated(follows)
                                 .generated(format!(
-                                    "evcxr_send_text_plain(&format!(\"{}\",&(\n",
+                                    "evcxr_send_text_plain(&format!(\"{}\", evcxr_final)); }} }};",
                                     self.config.output_format
                                 ))
-                                .with_segment(segment)
-                                .generated(")));")
                                 },
                             );
                     } else {

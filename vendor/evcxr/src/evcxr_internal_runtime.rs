@@ -11,6 +11,10 @@
 
 pub const VARIABLE_CHANGED_TYPE: &str = "EVCXR_VARIABLE_CHANGED_TYPE:";
 pub const USER_ERROR_OCCURRED: &str = "EVCXR_ERROR_OCCURRED";
+// diffexplainer vendored copy: control lines on stdout are frames, this guard then one line
+// (src/framing.rs); `FINAL_VALUE_IS_ERROR` reports a cell whose final value is an `Err`.
+pub const FRAME_GUARD: &str = "\u{1e}EVCXR\u{1f}";
+pub const FINAL_VALUE_IS_ERROR: &str = "EVCXR_FINAL_VALUE_IS_ERROR";
 
 pub struct VariableStore {
     variables: std::collections::HashMap<String, Box<dyn std::any::Any + 'static>>,
@@ -32,7 +36,7 @@ impl VariableStore {
             && v.downcast_ref::<T>().is_none()
         {
             eprintln!("The type of the variable {name} was redefined, so was lost.",);
-            println!("{VARIABLE_CHANGED_TYPE}{name}");
+            println!("{FRAME_GUARD}{VARIABLE_CHANGED_TYPE}{name}");
             return false;
         }
         true

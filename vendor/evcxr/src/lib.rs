@@ -18,6 +18,7 @@ mod command_context;
 mod crash_guard;
 mod crate_config;
 mod eval_context;
+mod framing;
 #[allow(dead_code)]
 mod evcxr_internal_runtime;
 mod item;
@@ -36,6 +37,7 @@ pub use crate::eval_context::EvalCallbacks;
 pub use crate::eval_context::EvalContext;
 pub use crate::eval_context::EvalContextOutputs;
 pub use crate::eval_context::EvalOutputs;
+pub use crate::eval_context::UserError;
 pub use crate::runtime::runtime_hook;
 pub use rust_analyzer::Completions;
 

@@ -82,7 +82,11 @@ impl Runtime {
                 .get::<extern "C" fn(*mut c_void) -> *mut c_void>(fn_name.as_bytes())?;
             self.variable_store_ptr = user_fn(self.variable_store_ptr);
         }
-        println!("{EVCXR_EXECUTION_COMPLETE}");
+        // A frame (src/framing.rs), so it is found even after a partial line of user output.
+        println!(
+            "{}{EVCXR_EXECUTION_COMPLETE}",
+            crate::evcxr_internal_runtime::FRAME_GUARD
+        );
         self.shared_objects.push(shared_object);
         Ok(())
     }
