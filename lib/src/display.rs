@@ -98,7 +98,7 @@ impl Display {
     }
 }
 
-/// True when running under the diffexplainer kernel (display blocks and updates supported).
+/// True when running under the diffexplainer kernel (display frames and updates supported).
 pub fn in_kernel() -> bool {
     std::env::var_os(KERNEL_ENV).is_some()
 }

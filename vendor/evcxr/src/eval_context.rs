@@ -508,9 +508,9 @@ impl EvalContext {
             if let Err(error) = context.eval("42") {
                 drop(context);
                 let mut stderr = String::new();
-                while let Ok(line) = outputs.stderr.recv() {
-                    stderr.push_str(&line);
-                    stderr.push('\n');
+                // diffexplainer vendored copy: stderr pieces carry their own newlines.
+                while let Ok(text) = outputs.stderr.recv() {
+                    stderr.push_str(&text);
                 }
                 return Err(format!("{stderr}{error}").into());
             }

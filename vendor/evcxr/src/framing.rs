@@ -91,19 +91,17 @@ impl Framer {
             line_start = buf[i] == b'\n';
             i += 1;
         }
-        let mut text_end = i;
-        if !waiting {
-            text_end -= incomplete_utf8_tail(&buf[text_from..i]);
-        }
+        let text_end = if waiting {
+            i
+        } else {
+            i - incomplete_utf8_tail(&buf[text_from..i])
+        };
         push_text(&buf[text_from..text_end], out);
         self.mid_line = if text_end > text_from {
             buf[text_end - 1] != b'\n'
         } else {
             !line_start
         };
-        if text_end < text_from {
-            text_end = text_from;
-        }
         self.pending = buf[text_end..].to_vec();
     }
 
