@@ -60,10 +60,9 @@ class ErrorStatusTests(KernelTestCase):
 
     def test_candle_error_carries_its_context(self):
         code = (
-            "use candle_core::Context;\n"
             "let a = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;\n"
             "let b = Tensor::zeros((4, 5), DType::F32, &Device::Cpu)?;\n"
-            'let c = a.matmul(&b).context("multiplying the weights")?;'
+            'a.matmul(&b).map_err(|e| e.context("multiplying the weights"))?;'
         )
         reply, msgs = run(self.kc, code, timeout=300)
         content = self.assert_error(reply, msgs, "Error")
@@ -207,7 +206,7 @@ class MessagesInCellTermsTests(KernelTestCase):
         self.assertNotIn("evcxr", text)
 
     def test_panic_location_is_a_cell_line(self):
-        reply, msgs = run(self.kc, "let v: Vec<i32> = Vec::new();\nlet i = 3;\nlet x = v.get(i).unwrap();")
+        reply, msgs = run(self.kc, "let v: Vec<i32> = Vec::new();\nlet i = 3;\nlet x: i32 = *v.get(i).unwrap();")
         content = self.assert_error(reply, msgs, "panic")
         self.assertIn("on a `None` value", content["evalue"])
         self.assertIn("thread panicked at cell line 3:", content["traceback"])
