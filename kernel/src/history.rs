@@ -81,11 +81,17 @@ mod tests {
     use super::*;
 
     fn history() -> Vec<(u64, String)> {
-        ["6 * 7", "\"abc\".len()", "6 * 7", "\"abc\".len()", "let x = 1;"]
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (i as u64 + 1, c.to_string()))
-            .collect()
+        [
+            "6 * 7",
+            "\"abc\".len()",
+            "6 * 7",
+            "\"abc\".len()",
+            "let x = 1;",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i as u64 + 1, c.to_string()))
+        .collect()
     }
 
     #[test]
@@ -121,7 +127,10 @@ mod tests {
         assert_eq!(search(json!({})), 2);
         assert_eq!(search(json!({"unique": true})), 1);
         assert_eq!(search(json!({"n": 1})), 1);
-        let r = reply(&h, &json!({"hist_access_type": "search", "pattern": "6 ?*"}));
+        let r = reply(
+            &h,
+            &json!({"hist_access_type": "search", "pattern": "6 ?*"}),
+        );
         assert_eq!(r["history"], json!([[1, 1, "6 * 7"], [1, 3, "6 * 7"]]));
     }
 }

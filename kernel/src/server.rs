@@ -261,7 +261,11 @@ fn handle_control(shared: &Shared, msg: &Message) -> (Message, bool) {
 
 /// Handles one shell request: the replies to send now (none for queued jobs, whose replies the
 /// evaluator sends through `Shared::replies`).
-fn handle_shell(shared: &Arc<Shared>, jobs: &std::sync::mpsc::Sender<Job>, msg: Message) -> Vec<Message> {
+fn handle_shell(
+    shared: &Arc<Shared>,
+    jobs: &std::sync::mpsc::Sender<Job>,
+    msg: Message,
+) -> Vec<Message> {
     if matches!(
         msg.msg_type(),
         "execute_request" | "complete_request" | "inspect_request"
@@ -492,9 +496,9 @@ impl Evaluator {
             .send(msg.child("status", json!({"execution_state": "busy"})))
             .ok();
         let reply = match msg.msg_type() {
-            "execute_request" if seq <= self.abort_through => msg.reply(
-                json!({"status": "aborted", "execution_count": self.execution_count}),
-            ),
+            "execute_request" if seq <= self.abort_through => {
+                msg.reply(json!({"status": "aborted", "execution_count": self.execution_count}))
+            }
             "execute_request" => {
                 let reply = self.execute(&msg);
                 let failed = reply.content["status"] == "error";
@@ -838,7 +842,10 @@ fn cell_location(ctx: &evcxr::CommandContext, location: &str) -> String {
     let mut parts = location.rsplitn(3, ':');
     let (_column, line, file) = (parts.next(), parts.next(), parts.next());
     if file == Some("src/lib.rs") {
-        return match line.and_then(|l| l.parse::<usize>().ok()).and_then(|l| ctx.cell_line(l)) {
+        return match line
+            .and_then(|l| l.parse::<usize>().ok())
+            .and_then(|l| ctx.cell_line(l))
+        {
             Some(line) => format!("cell line {line}"),
             None => "code evcxr generated for the cell".to_string(),
         };

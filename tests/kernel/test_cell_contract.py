@@ -199,7 +199,7 @@ class MessagesInCellTermsTests(KernelTestCase):
     """Item 7: one accurate message after a kill; errors and panics in the cell's terms."""
 
     def test_compile_error_in_generated_code_is_reported_in_the_cell(self):
-        reply, msgs = run(self.kc, "let b = 1;\nlet a = std::")
+        reply, msgs = run(self.kc, "let b = 1;\nlet a = std::", timeout=300)
         content = self.assert_error(reply, msgs, "CompilationError")
         text = content["evalue"] + "\n" + "\n".join(content["traceback"])
         self.assertIn("line 2", text)

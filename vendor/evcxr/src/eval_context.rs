@@ -1943,9 +1943,8 @@ impl ContextState {
                         // diffexplainer vendored copy: a frame first, so the display starts a
                         // line; a final value that is an `Err` is reported as the cell's error
                         // (a frame) instead of being displayed.
-                        let follows = format!(
-                            "println!(\"{FRAME_GUARD_ESCAPED}{FINAL_VALUE_FOLLOWS}\");"
-                        );
+                        let follows =
+                            format!("println!(\"{FRAME_GUARD_ESCAPED}{FINAL_VALUE_FOLLOWS}\");");
                         let report = format!(
                             "{REPORT_ERROR_DEF}{FINAL_ERROR_DEF}\
                              if let Some((t, m)) = evcxr_final.evcxr_final_error() {{ \
