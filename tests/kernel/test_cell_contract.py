@@ -16,9 +16,9 @@ class KernelTestCase(unittest.TestCase):
     def tearDownClass(cls):
         stop(cls.km, cls.kc)
 
-    def assert_error(self, reply, msgs, ename=None):
-        """The reply has status error with ename/evalue/traceback, and one iopub `error`
-        message says the same; returns the reply content."""
+    def assert_error(self, reply, msgs, ename=None, n_errors=1):
+        """The reply has status error with ename/evalue/traceback, and `n_errors` iopub `error`
+        messages (None: at least one), the first saying the same; returns the reply content."""
         content = reply["content"]
         self.assertEqual(content["status"], "error", content)
         for key in ("ename", "evalue", "traceback"):
@@ -27,7 +27,10 @@ class KernelTestCase(unittest.TestCase):
         if ename is not None:
             self.assertEqual(content["ename"], ename, content)
         errors = of_type(msgs, "error")
-        self.assertEqual(len(errors), 1, msgs)
+        if n_errors is None:
+            self.assertTrue(errors, msgs)
+        else:
+            self.assertEqual(len(errors), n_errors, msgs)
         self.assertEqual(errors[0]["content"]["ename"], content["ename"])
         self.assertEqual(errors[0]["content"]["evalue"], content["evalue"])
         self.assertFalse(of_type(msgs, "execute_result"), msgs)
@@ -200,10 +203,13 @@ class MessagesInCellTermsTests(KernelTestCase):
 
     def test_compile_error_in_generated_code_is_reported_in_the_cell(self):
         reply, msgs = run(self.kc, "let b = 1;\nlet a = std::", timeout=300)
-        content = self.assert_error(reply, msgs, "CompilationError")
-        text = content["evalue"] + "\n" + "\n".join(content["traceback"])
-        self.assertIn("line 2", text)
-        self.assertNotIn("evcxr", text)
+        # One error message per syntax error, each at its line and column of the cell.
+        content = self.assert_error(reply, msgs, "CompilationError", n_errors=None)
+        self.assertIn("line 2, column 14", content["evalue"])
+        for error in of_type(msgs, "error"):
+            text = error["content"]["evalue"] + "\n" + "\n".join(error["content"]["traceback"])
+            self.assertIn("line 2", text)
+            self.assertNotIn("evcxr", text)
 
     def test_panic_location_is_a_cell_line(self):
         reply, msgs = run(self.kc, "let v: Vec<i32> = Vec::new();\nlet i = 3;\nlet x: i32 = *v.get(i).unwrap();")
