@@ -7,11 +7,13 @@
 //! - `warm`: compile the preloaded library into the shared build cache and print timings (CI
 //!   runs it once so the first notebook cell does not pay for a cold candle build).
 //!
-//! The protocol front is ours (see `server`); evaluation is evcxr's `CommandContext`; rich
-//! output is the marker protocol of `diffexplainer::display`. The framing and the evcxr bridge
-//! follow evcxr_jupyter 0.22 (MIT OR Apache-2.0).
+//! The protocol front is ours (see `server`); evaluation is evcxr's `CommandContext` (vendored,
+//! `vendor/evcxr`); rich output is the display frames of `diffexplainer::display` (docs/kernel.md,
+//! "Output framing"). The framing and the evcxr bridge follow evcxr_jupyter 0.22 (MIT OR
+//! Apache-2.0).
 
 mod analysis;
+mod history;
 mod install;
 mod markers;
 mod server;

@@ -1,14 +1,19 @@
-//! Turns the evaluation process's stdout lines into outputs: plain text, display blocks (see
-//! `diffexplainer::display` for the format) and panic reports.
+//! Turns the evaluation process's stdout pieces into outputs: text, display frames and panic
+//! reports (see `diffexplainer::display` for the library side).
 //!
-//! evcxr consumes its own `EVCXR_BEGIN_CONTENT` blocks (they become the cell's result); every
-//! other stdout line reaches us as it is printed, so display blocks render while the cell runs.
+//! The vendored evcxr (`vendor/evcxr/src/framing.rs`) reads stdout as bytes and delivers text as
+//! soon as it is read; a control frame (`FRAME_GUARD`, a kind, one line) that evcxr does not
+//! handle itself arrives as one piece of its own, exactly as printed. Frames are recognised
+//! anywhere in the output, so `print!("x"); show(&image)` still shows the image.
 
 use serde_json::{Map, Value};
 
+/// The guard that starts every control frame (shared with the vendored evcxr and the library).
+pub const FRAME_GUARD: &str = "\u{1e}EVCXR\u{1f}";
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// Text for the `stdout` stream (lines joined, each ending in '\n').
+    /// Text for the `stdout` stream, as printed.
     Text(String),
     /// A `display_data`, or an `update_display_data` when `update` is true.
     Display {
@@ -20,132 +25,66 @@ pub enum Event {
     Panic { message: String, location: String },
 }
 
-#[derive(Default)]
-pub struct MarkerParser {
-    block: Option<Block>,
-}
-
-struct Block {
-    display_id: Option<String>,
-    update: bool,
-    data: Map<String, Value>,
-    content: Option<(String, Vec<String>)>,
-    /// Raw lines, replayed as text if the block turns out malformed.
-    raw: Vec<String>,
-}
-
-const BEGIN_DISPLAY: &str = "DIFFEXPLAINER_BEGIN_DISPLAY";
-const END_DISPLAY: &str = "DIFFEXPLAINER_END_DISPLAY";
-const BEGIN_CONTENT: &str = "DIFFEXPLAINER_BEGIN_CONTENT ";
-const END_CONTENT: &str = "DIFFEXPLAINER_END_CONTENT";
+const DISPLAY: &str = "DIFFEXPLAINER_DISPLAY ";
 const PANIC: &str = "DIFFEXPLAINER_PANIC ";
 
-impl MarkerParser {
-    /// Feeds one line (without its newline); appends the resulting events.
-    pub fn line(&mut self, line: &str, out: &mut Vec<Event>) {
-        if let Some(block) = &mut self.block {
-            block.raw.push(line.to_string());
-            if let Some((_, lines)) = &mut block.content {
-                if line == END_CONTENT {
-                    let (mime, lines) = block.content.take().unwrap();
-                    let text = lines.join("\n");
-                    let value = if mime.ends_with("json") {
-                        serde_json::from_str(&text).unwrap_or(Value::String(text))
-                    } else {
-                        Value::String(text)
+/// Classifies one piece of stdout. A frame that is not ours, or whose JSON does not parse, is
+/// given back as the text that was printed.
+pub fn parse_piece(piece: String) -> Event {
+    let Some(frame) = piece.strip_prefix(FRAME_GUARD) else {
+        return Event::Text(piece);
+    };
+    let line = frame.trim_end_matches('\n');
+    if let Some(json) = line.strip_prefix(DISPLAY) {
+        if let Ok(Value::Object(mut v)) = serde_json::from_str::<Value>(json) {
+            let data = match v.remove("data") {
+                Some(Value::Object(data)) => data,
+                _ => Map::new(),
+            };
+            let data = data
+                .into_iter()
+                .map(|(mime, content)| {
+                    // JSON MIME types carry a JSON document as text.
+                    let content = match (mime.ends_with("json"), content) {
+                        (true, Value::String(s)) => {
+                            serde_json::from_str(&s).unwrap_or(Value::String(s))
+                        }
+                        (_, c) => c,
                     };
-                    block.data.insert(mime, value);
-                } else {
-                    lines.push(line.to_string());
-                }
-                return;
-            }
-            if let Some(mime) = line.strip_prefix(BEGIN_CONTENT) {
-                block.content = Some((mime.trim().to_string(), Vec::new()));
-            } else if line == END_DISPLAY {
-                let block = self.block.take().unwrap();
-                out.push(Event::Display {
-                    data: block.data,
-                    display_id: block.display_id,
-                    update: block.update,
-                });
-            } else {
-                // Malformed block: give the raw lines back as text rather than losing them.
-                let block = self.block.take().unwrap();
-                push_text(out, &block.raw.join("\n"));
-            }
-            return;
+                    (mime, content)
+                })
+                .collect();
+            return Event::Display {
+                data,
+                display_id: v
+                    .get("display_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                update: v.get("update").and_then(Value::as_bool).unwrap_or(false),
+            };
         }
-        if let Some(rest) = line.strip_prefix(BEGIN_DISPLAY) {
-            let header: Value = serde_json::from_str(rest.trim()).unwrap_or(Value::Null);
-            self.block = Some(Block {
-                display_id: header["display_id"].as_str().map(str::to_string),
-                update: header["update"].as_bool().unwrap_or(false),
-                data: Map::new(),
-                content: None,
-                raw: vec![line.to_string()],
-            });
-        } else if let Some(rest) = line.strip_prefix(PANIC) {
-            let v: Value = serde_json::from_str(rest).unwrap_or(Value::Null);
-            out.push(Event::Panic {
-                message: v["message"].as_str().unwrap_or(rest).to_string(),
+    } else if let Some(json) = line.strip_prefix(PANIC) {
+        if let Ok(v) = serde_json::from_str::<Value>(json) {
+            return Event::Panic {
+                message: v["message"].as_str().unwrap_or("").to_string(),
                 location: v["location"].as_str().unwrap_or("").to_string(),
-            });
-        } else {
-            push_text(out, line);
+            };
         }
     }
-
-    /// End of a cell: an unterminated block is returned as text.
-    pub fn finish(&mut self, out: &mut Vec<Event>) {
-        if let Some(block) = self.block.take() {
-            push_text(out, &block.raw.join("\n"));
-        }
-    }
-}
-
-fn push_text(out: &mut Vec<Event>, line: &str) {
-    if let Some(Event::Text(t)) = out.last_mut() {
-        t.push_str(line);
-        t.push('\n');
-    } else {
-        out.push(Event::Text(format!("{line}\n")));
-    }
+    Event::Text(piece)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(lines: &[&str]) -> Vec<Event> {
-        let mut p = MarkerParser::default();
-        let mut out = Vec::new();
-        for l in lines {
-            p.line(l, &mut out);
-        }
-        p.finish(&mut out);
-        out
-    }
-
     #[test]
-    fn text_display_and_update() {
-        let ev = parse(&[
-            "hello",
-            "world",
-            r#"DIFFEXPLAINER_BEGIN_DISPLAY {"display_id":"p1","update":true}"#,
-            "DIFFEXPLAINER_BEGIN_CONTENT text/plain",
-            "a",
-            "b",
-            "DIFFEXPLAINER_END_CONTENT",
-            "DIFFEXPLAINER_BEGIN_CONTENT image/png",
-            "iVBOR",
-            "DIFFEXPLAINER_END_CONTENT",
-            "DIFFEXPLAINER_END_DISPLAY",
-            "after",
-        ]);
-        assert_eq!(ev.len(), 3);
-        assert_eq!(ev[0], Event::Text("hello\nworld\n".into()));
-        match &ev[1] {
+    fn text_display_update_and_panic() {
+        assert_eq!(parse_piece("hello\n".into()), Event::Text("hello\n".into()));
+        let frame = format!(
+            "{FRAME_GUARD}DIFFEXPLAINER_DISPLAY {{\"display_id\":\"p1\",\"update\":true,\"data\":{{\"text/plain\":\"a\\nb\",\"image/png\":\"iVBOR\"}}}}\n"
+        );
+        match parse_piece(frame) {
             Event::Display {
                 data,
                 display_id,
@@ -154,55 +93,46 @@ mod tests {
                 assert_eq!(data["text/plain"], "a\nb");
                 assert_eq!(data["image/png"], "iVBOR");
                 assert_eq!(display_id.as_deref(), Some("p1"));
-                assert!(*update);
+                assert!(update);
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(ev[2], Event::Text("after\n".into()));
-    }
-
-    #[test]
-    fn malformed_and_unterminated_blocks_become_text() {
-        let ev = parse(&["DIFFEXPLAINER_BEGIN_DISPLAY {}", "junk"]);
-        assert_eq!(
-            ev,
-            vec![Event::Text("DIFFEXPLAINER_BEGIN_DISPLAY {}\njunk\n".into())]
+        let panic = format!(
+            "{FRAME_GUARD}DIFFEXPLAINER_PANIC {{\"message\":\"boom\",\"location\":\"src/lib.rs:1:2\"}}\n"
         );
-        let ev = parse(&[
-            "DIFFEXPLAINER_BEGIN_DISPLAY {}",
-            "DIFFEXPLAINER_BEGIN_CONTENT text/plain",
-            "x",
-        ]);
-        assert!(matches!(&ev[0], Event::Text(t) if t.ends_with("x\n")));
-    }
-
-    #[test]
-    fn panic_marker() {
-        let ev = parse(&[r#"DIFFEXPLAINER_PANIC {"message":"boom","location":"src/lib.rs:1:2"}"#]);
         assert_eq!(
-            ev,
-            vec![Event::Panic {
+            parse_piece(panic),
+            Event::Panic {
                 message: "boom".into(),
                 location: "src/lib.rs:1:2".into()
-            }]
+            }
         );
     }
 
     #[test]
-    fn library_block_format_roundtrips() {
+    fn unknown_and_malformed_frames_are_text() {
+        let other = format!("{FRAME_GUARD}SOMETHING_ELSE 1\n");
+        assert_eq!(parse_piece(other.clone()), Event::Text(other));
+        let bad = format!("{FRAME_GUARD}DIFFEXPLAINER_DISPLAY {{not json\n");
+        assert_eq!(parse_piece(bad.clone()), Event::Text(bad));
+    }
+
+    #[test]
+    fn library_frame_format_roundtrips() {
         // The exact text diffexplainer::display::display_block produces.
+        assert_eq!(diffexplainer::display::FRAME_GUARD, FRAME_GUARD);
         let d = diffexplainer::display::Display::new()
-            .text("t")
+            .text("t\nu")
             .html("<i>h</i>");
         let block = diffexplainer::display::display_block(&d, Some("x"), false);
-        let lines: Vec<&str> = block.lines().collect();
-        match &parse(&lines)[0] {
+        match parse_piece(block) {
             Event::Display {
                 data,
                 display_id,
                 update,
             } => {
                 assert_eq!(data["text/html"], "<i>h</i>");
+                assert_eq!(data["text/plain"], "t\nu");
                 assert_eq!(display_id.as_deref(), Some("x"));
                 assert!(!update);
             }

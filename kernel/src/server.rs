@@ -2,32 +2,44 @@
 //!
 //! Threads and ownership:
 //! - the **evaluator thread** owns the `evcxr::CommandContext`; shell requests that need it
-//!   (execute, complete, inspect) are sent to it as jobs, one at a time;
-//! - the **output pump** thread reads the evaluation process's stdout/stderr lines as they are
-//!   printed and publishes them (stream, display_data, update_display_data) on iopub;
+//!   (execute, complete, inspect) are queued to it as jobs and run one at a time, in order;
+//! - the **shell task** answers `kernel_info`, `comm_info`, `is_complete` and `history` at once,
+//!   also while a cell runs, and sends the evaluator's replies as they come;
+//! - the **output pump** thread publishes the evaluation process's stdout/stderr (stream,
+//!   display_data, update_display_data) on iopub as it is printed;
 //! - tokio tasks own the sockets: iopub (fed by a channel, so any thread can publish in order),
 //!   heartbeat, shell, control; stdin is shared behind a mutex for `input_request`s.
 //!
 //! Order on iopub for one execute: busy, execute_input, outputs..., execute_result/error, then
 //! the execute_reply on shell, then idle. Before publishing the result the evaluator takes the
 //! pump's lock and drains what is left, so no output of a cell arrives after its result.
+//!
+//! After a cell fails (compile error, panic, an `Err` at `?` or as the final value) and its
+//! request had `stop_on_error` (the default), every execute request queued before the failure
+//! is answered `status: aborted` without running, as ipykernel does.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use crate::markers::{Event, MarkerParser};
+use crate::markers::{parse_piece, Event};
 use crate::session::Session;
 use crate::wire::{ConnectionInfo, HmacSha256, Message};
 
 type Iopub = mpsc::UnboundedSender<Message>;
-type Job = Box<dyn FnOnce(&mut Evaluator) + Send>;
+type Replies = mpsc::UnboundedSender<Message>;
+
+/// A shell request for the evaluator, with its place in the queue.
+struct Job {
+    msg: Message,
+    seq: u64,
+}
 
 pub fn run(info: ConnectionInfo, session: Session) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -93,34 +105,49 @@ async fn serve(info: ConnectionInfo, session: Session) -> Result<()> {
         }
     });
 
+    let (replies, mut replies_rx) = mpsc::unbounded_channel::<Message>();
     let shared = Arc::new(Shared {
         iopub: iopub.clone(),
+        replies,
         mac: mac.clone(),
         stdin: tokio::sync::Mutex::new(stdin),
         runtime: tokio::runtime::Handle::current(),
         session,
         executing: AtomicBool::new(false),
+        evaluator_busy: AtomicBool::new(false),
         interrupts: AtomicU32::new(0),
         process: Mutex::new(None),
+        queued: AtomicU64::new(0),
+        history: Mutex::new(Vec::new()),
     });
     let jobs = Evaluator::spawn(shared.clone());
 
-    // Shell: one request at a time, in order.
+    // Shell: requests the evaluator does not need are answered at once; the others are queued
+    // to it and their replies sent here when they come.
     {
         let shared = shared.clone();
         let mac = mac.clone();
         tokio::spawn(async move {
             loop {
-                let msg = match recv_verified(&mut shell, mac.as_ref(), "shell").await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        eprintln!("diffexplainer-kernel: shell: {e}");
-                        break;
+                tokio::select! {
+                    msg = recv_verified(&mut shell, mac.as_ref(), "shell") => {
+                        let msg = match msg {
+                            Ok(m) => m,
+                            Err(e) => {
+                                eprintln!("diffexplainer-kernel: shell: {e}");
+                                break;
+                            }
+                        };
+                        for reply in handle_shell(&shared, &jobs, msg) {
+                            if let Err(e) = shell.send(to_zmq(reply.to_parts(mac.as_ref()))).await {
+                                eprintln!("diffexplainer-kernel: shell send: {e}");
+                            }
+                        }
                     }
-                };
-                for reply in handle_shell(&shared, &jobs, msg).await {
-                    if let Err(e) = shell.send(to_zmq(reply.to_parts(mac.as_ref()))).await {
-                        eprintln!("diffexplainer-kernel: shell send: {e}");
+                    Some(reply) = replies_rx.recv() => {
+                        if let Err(e) = shell.send(to_zmq(reply.to_parts(mac.as_ref()))).await {
+                            eprintln!("diffexplainer-kernel: shell send: {e}");
+                        }
                     }
                 }
             }
@@ -152,14 +179,23 @@ async fn serve(info: ConnectionInfo, session: Session) -> Result<()> {
 /// State shared by the tasks and threads.
 pub struct Shared {
     iopub: Iopub,
+    /// Replies from the evaluator, sent on shell by the shell task.
+    replies: Replies,
     mac: Option<HmacSha256>,
     stdin: tokio::sync::Mutex<zeromq::RouterSocket>,
     runtime: tokio::runtime::Handle,
     session: Session,
+    /// A cell is running (interrupts apply).
     executing: AtomicBool,
+    /// The evaluator is working on a job (the kernel already published `busy`).
+    evaluator_busy: AtomicBool,
     /// Interrupt requests during the running cell.
     interrupts: AtomicU32,
     process: Mutex<Option<Arc<Mutex<std::process::Child>>>>,
+    /// Sequence number of the last job queued to the evaluator.
+    queued: AtomicU64,
+    /// This session's inputs: (execution_count, code), for `history_request`.
+    history: Mutex<Vec<(u64, String)>>,
 }
 
 impl Shared {
@@ -223,42 +259,43 @@ fn handle_control(shared: &Shared, msg: &Message) -> (Message, bool) {
     }
 }
 
-async fn handle_shell(
+/// Handles one shell request: the replies to send now (none for queued jobs, whose replies the
+/// evaluator sends through `Shared::replies`).
+fn handle_shell(
     shared: &Arc<Shared>,
     jobs: &std::sync::mpsc::Sender<Job>,
     msg: Message,
 ) -> Vec<Message> {
+    if matches!(
+        msg.msg_type(),
+        "execute_request" | "complete_request" | "inspect_request"
+    ) {
+        let seq = shared.queued.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Err(e) = jobs.send(Job { msg, seq }) {
+            let msg = e.0.msg;
+            return vec![msg.reply(json!({"status": "error", "ename": "KernelDead", "evalue": "the evaluator thread stopped", "traceback": []}))];
+        }
+        return vec![];
+    }
+    // Answered at once. While the evaluator works the kernel is already `busy`: a busy/idle
+    // pair here would show an idle kernel in the middle of a running cell.
+    let status = !shared.evaluator_busy.load(Ordering::SeqCst);
     let iopub = &shared.iopub;
-    iopub
-        .send(msg.child("status", json!({"execution_state": "busy"})))
-        .ok();
+    if status {
+        iopub
+            .send(msg.child("status", json!({"execution_state": "busy"})))
+            .ok();
+    }
     let replies = match msg.msg_type() {
         "kernel_info_request" => vec![msg.reply(kernel_info())],
         "is_complete_request" => {
             let code = msg.content["code"].as_str().unwrap_or("");
             vec![msg.reply(crate::analysis::is_complete(code))]
         }
-        "execute_request" | "complete_request" | "inspect_request" => {
-            let (tx, rx) = oneshot::channel();
-            let m = msg.clone();
-            let job: Job = Box::new(move |ev: &mut Evaluator| {
-                let reply = match m.msg_type() {
-                    "execute_request" => ev.execute(&m),
-                    "complete_request" => ev.complete(&m),
-                    _ => ev.inspect(&m),
-                };
-                let _ = tx.send(reply);
-            });
-            if jobs.send(job).is_err() {
-                vec![msg.reply(json!({"status": "error", "ename": "KernelDead", "evalue": "the evaluator thread stopped", "traceback": []}))]
-            } else {
-                match rx.await {
-                    Ok(reply) => vec![reply],
-                    Err(_) => vec![msg.reply(json!({"status": "error", "ename": "KernelDead", "evalue": "the evaluator thread stopped", "traceback": []}))],
-                }
-            }
+        "history_request" => {
+            let history = shared.history.lock().unwrap();
+            vec![msg.reply(crate::history::reply(&history, &msg.content))]
         }
-        "history_request" => vec![msg.reply(json!({"status": "ok", "history": []}))],
         "comm_info_request" => vec![msg.reply(json!({"status": "ok", "comms": {}}))],
         "comm_open" => {
             // No comm targets: close it right away, as the protocol asks.
@@ -274,9 +311,11 @@ async fn handle_shell(
             vec![]
         }
     };
-    iopub
-        .send(msg.child("status", json!({"execution_state": "idle"})))
-        .ok();
+    if status {
+        iopub
+            .send(msg.child("status", json!({"execution_state": "idle"})))
+            .ok();
+    }
     replies
 }
 
@@ -309,35 +348,45 @@ pub fn kernel_info() -> Value {
 // Output pump.
 
 struct Pump {
-    parser: MarkerParser,
     parent: Option<Message>,
+    /// The running request is `silent`: its output is not published.
+    silent: bool,
     panics: Vec<(String, String)>,
 }
 
 impl Pump {
-    fn handle(&mut self, iopub: &Iopub, stream: &str, lines: Vec<String>) {
-        let mut events = Vec::new();
-        if stream == "stdout" {
-            for l in &lines {
-                self.parser.line(l, &mut events);
+    /// Publishes pieces of one stream (stdout pieces may be display or panic frames).
+    fn handle(&mut self, iopub: &Iopub, stream: &str, pieces: Vec<String>) {
+        let mut events: Vec<Event> = Vec::new();
+        for piece in pieces {
+            let ev = if stream == "stdout" {
+                parse_piece(piece)
+            } else {
+                Event::Text(piece)
+            };
+            // Consecutive text goes out as one stream message.
+            match (events.last_mut(), ev) {
+                (Some(Event::Text(t)), Event::Text(more)) => t.push_str(&more),
+                (_, ev) => events.push(ev),
             }
-        } else {
-            let mut text = String::new();
-            for l in &lines {
-                text.push_str(l);
-                text.push('\n');
-            }
-            events.push(Event::Text(text));
         }
-        let Some(parent) = &self.parent else { return };
         for ev in events {
             let msg = match ev {
-                Event::Text(text) => parent.child("stream", json!({"name": stream, "text": text})),
+                Event::Panic { message, location } => {
+                    self.panics.push((message, location));
+                    continue;
+                }
+                _ if self.silent => continue,
+                Event::Text(text) => {
+                    let Some(parent) = &self.parent else { continue };
+                    parent.child("stream", json!({"name": stream, "text": text}))
+                }
                 Event::Display {
                     data,
                     display_id,
                     update,
                 } => {
+                    let Some(parent) = &self.parent else { continue };
                     let mut content = json!({"data": data, "metadata": {}, "transient": {}});
                     if let Some(id) = display_id {
                         content["transient"] = json!({"display_id": id});
@@ -349,10 +398,6 @@ impl Pump {
                     };
                     parent.child(kind, content)
                 }
-                Event::Panic { message, location } => {
-                    self.panics.push((message, location));
-                    continue;
-                }
             };
             iopub.send(msg).ok();
         }
@@ -360,11 +405,11 @@ impl Pump {
 }
 
 fn drain(rx: &crossbeam_channel::Receiver<String>) -> Vec<String> {
-    let mut lines = Vec::new();
-    while let Ok(l) = rx.try_recv() {
-        lines.push(l);
+    let mut pieces = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        pieces.push(p);
     }
-    lines
+    pieces
 }
 
 fn spawn_pump(
@@ -378,7 +423,7 @@ fn spawn_pump(
         sel.recv(&stdout);
         sel.recv(&stderr);
         let index = sel.ready();
-        // Let a burst of lines arrive so they go out as one message.
+        // Let a burst of pieces arrive so they go out as one message.
         std::thread::sleep(Duration::from_millis(2));
         let mut p = pump.lock().unwrap();
         let (name, rx) = if index == 0 {
@@ -386,8 +431,8 @@ fn spawn_pump(
         } else {
             ("stderr", &stderr)
         };
-        let lines = drain(rx);
-        if lines.is_empty() && rx.is_empty() {
+        let pieces = drain(rx);
+        if pieces.is_empty() && rx.is_empty() {
             // Disconnected senders make `ready` return immediately; stop when both are gone.
             if matches!(
                 stdout.recv_timeout(Duration::ZERO),
@@ -399,7 +444,7 @@ fn spawn_pump(
                 return;
             }
         }
-        p.handle(&iopub, name, lines);
+        p.handle(&iopub, name, pieces);
     });
 }
 
@@ -414,6 +459,21 @@ pub struct Evaluator {
     stdout: Option<crossbeam_channel::Receiver<String>>,
     stderr: Option<crossbeam_channel::Receiver<String>>,
     execution_count: u64,
+    /// After a failed cell with `stop_on_error`: execute requests queued up to this sequence
+    /// number are aborted.
+    abort_through: u64,
+}
+
+/// How a cell ended, for the reply.
+enum Outcome {
+    Ok,
+    Error {
+        ename: String,
+        evalue: String,
+        traceback: Vec<String>,
+        /// Further diagnostics (compile errors), published after this one.
+        more: Vec<(String, Vec<String>)>,
+    },
 }
 
 impl Evaluator {
@@ -422,16 +482,47 @@ impl Evaluator {
         std::thread::spawn(move || {
             let mut ev = Evaluator::start(shared);
             while let Ok(job) = rx.recv() {
-                job(&mut ev);
+                ev.run_job(job);
             }
         });
         tx
     }
 
+    fn run_job(&mut self, Job { msg, seq }: Job) {
+        let shared = self.shared.clone();
+        shared.evaluator_busy.store(true, Ordering::SeqCst);
+        shared
+            .iopub
+            .send(msg.child("status", json!({"execution_state": "busy"})))
+            .ok();
+        let reply = match msg.msg_type() {
+            "execute_request" if seq <= self.abort_through => {
+                msg.reply(json!({"status": "aborted", "execution_count": self.execution_count}))
+            }
+            "execute_request" => {
+                let reply = self.execute(&msg);
+                let failed = reply.content["status"] == "error";
+                let stop = msg.content["stop_on_error"].as_bool().unwrap_or(true);
+                if failed && stop {
+                    self.abort_through = shared.queued.load(Ordering::SeqCst);
+                }
+                reply
+            }
+            "complete_request" => self.complete(&msg),
+            _ => self.inspect(&msg),
+        };
+        shared.replies.send(reply).ok();
+        shared
+            .iopub
+            .send(msg.child("status", json!({"execution_state": "idle"})))
+            .ok();
+        shared.evaluator_busy.store(false, Ordering::SeqCst);
+    }
+
     fn start(shared: Arc<Shared>) -> Evaluator {
         let pump = Arc::new(Mutex::new(Pump {
-            parser: MarkerParser::default(),
             parent: None,
+            silent: false,
             panics: Vec::new(),
         }));
         let mut ev = Evaluator {
@@ -442,6 +533,7 @@ impl Evaluator {
             stdout: None,
             stderr: None,
             execution_count: 0,
+            abort_through: 0,
         };
         let t0 = Instant::now();
         match evcxr::CommandContext::new() {
@@ -478,15 +570,15 @@ impl Evaluator {
         ev
     }
 
-    /// Waits until every line printed so far has been published, then runs `f` under the
+    /// Waits until every piece printed so far has been published, then runs `f` under the
     /// pump lock.
     fn with_pump_drained<T>(&self, f: impl FnOnce(&mut Pump) -> T) -> T {
         let mut p = self.pump.lock().unwrap();
         for (name, rx) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
             if let Some(rx) = rx {
-                let lines = drain(rx);
-                if !lines.is_empty() {
-                    p.handle(&self.shared.iopub, name, lines);
+                let pieces = drain(rx);
+                if !pieces.is_empty() {
+                    p.handle(&self.shared.iopub, name, pieces);
                 }
             }
         }
@@ -499,33 +591,48 @@ impl Evaluator {
         let store_history = msg.content["store_history"].as_bool().unwrap_or(true) && !silent;
         if store_history {
             self.execution_count += 1;
+            self.shared
+                .history
+                .lock()
+                .unwrap()
+                .push((self.execution_count, code.clone()));
         }
         let count = self.execution_count;
         let iopub = self.shared.iopub.clone();
-        if !silent {
-            iopub
-                .send(msg.child(
-                    "execute_input",
-                    json!({"code": code, "execution_count": count}),
-                ))
-                .ok();
-        }
-        let error_reply = |ename: &str, evalue: &str, traceback: Vec<String>| -> Message {
-            iopub
-                .send(msg.child(
-                    "error",
-                    json!({"ename": ename, "evalue": evalue, "traceback": traceback}),
-                ))
-                .ok();
-            msg.reply(json!({"status": "error", "execution_count": count, "ename": ename, "evalue": evalue, "traceback": traceback}))
+        let publish = |m: Message| {
+            if !silent {
+                iopub.send(m).ok();
+            }
+        };
+        publish(msg.child(
+            "execute_input",
+            json!({"code": code, "execution_count": count}),
+        ));
+        let finish = |outcome: Outcome| -> Message {
+            match outcome {
+                Outcome::Ok => msg.reply(json!({"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []})),
+                Outcome::Error { ename, evalue, traceback, more } => {
+                    publish(msg.child(
+                        "error",
+                        json!({"ename": ename, "evalue": evalue, "traceback": traceback}),
+                    ));
+                    for (evalue, traceback) in more {
+                        publish(msg.child(
+                            "error",
+                            json!({"ename": ename, "evalue": evalue, "traceback": traceback}),
+                        ));
+                    }
+                    msg.reply(json!({"status": "error", "execution_count": count, "ename": ename, "evalue": evalue, "traceback": traceback}))
+                }
+            }
         };
         if let Some(e) = &self.startup_error {
-            let e = e.clone();
-            return error_reply(
-                "KernelStartupError",
-                &e,
-                e.lines().map(str::to_string).collect(),
-            );
+            return finish(Outcome::Error {
+                more: Vec::new(),
+                ename: "KernelStartupError".into(),
+                evalue: e.clone(),
+                traceback: e.lines().map(str::to_string).collect(),
+            });
         }
         let Some(ctx) = self.ctx.as_mut() else {
             unreachable!()
@@ -536,6 +643,7 @@ impl Evaluator {
         {
             let mut p = self.pump.lock().unwrap();
             p.parent = Some(msg.clone());
+            p.silent = silent;
             p.panics.clear();
         }
         self.shared.executing.store(true, Ordering::SeqCst);
@@ -553,40 +661,45 @@ impl Evaluator {
         // The child's stderr is a separate pipe read by an evcxr thread: what the cell wrote
         // there is (in practice) in our channel within a few ms of the cell's end.
         std::thread::sleep(Duration::from_millis(15));
-        let panics = self.with_pump_drained(|p| {
-            let mut events = Vec::new();
-            p.parser.finish(&mut events);
-            let text: String = events
-                .into_iter()
-                .filter_map(|e| {
-                    if let Event::Text(t) = e {
-                        Some(t)
-                    } else {
-                        None
-                    }
-                })
-                .collect();
-            if !text.is_empty() {
-                iopub
-                    .send(msg.child("stream", json!({"name": "stdout", "text": text})))
-                    .ok();
-            }
-            std::mem::take(&mut p.panics)
-        });
-        // stderr (the default panic message) may trail stdout: give it a moment, then drain.
-        if !panics.is_empty() {
-            std::thread::sleep(Duration::from_millis(50));
-            self.with_pump_drained(|_| ());
-        }
+        let panics = self.with_pump_drained(|p| std::mem::take(&mut p.panics));
+        let Some(ctx) = self.ctx.as_ref() else {
+            unreachable!()
+        };
 
-        let reply = match result {
+        let outcome = match result {
             Ok(output) => {
                 if let Some((message, location)) = panics.first() {
-                    let mut tb = vec![format!("thread panicked at {location}:"), message.clone()];
-                    tb.push("(variables defined before this cell are kept)".to_string());
-                    error_reply("panic", message, tb)
+                    let location = cell_location(ctx, location);
+                    Outcome::Error {
+                        more: Vec::new(),
+                        ename: "panic".into(),
+                        evalue: message.clone(),
+                        traceback: vec![
+                            format!("thread panicked at {location}:"),
+                            message.clone(),
+                            "(variables defined before this cell are kept)".to_string(),
+                        ],
+                    }
+                } else if let Some(error) = output.user_error {
+                    let ename = short_type_name(&error.type_name);
+                    let mut traceback: Vec<String> = format!("{ename}: {}", error.message)
+                        .lines()
+                        .map(str::to_string)
+                        .collect();
+                    if !error.final_value {
+                        traceback.push(
+                            "(the cell returned early at `?`: variables it defined are not kept)"
+                                .to_string(),
+                        );
+                    }
+                    Outcome::Error {
+                        more: Vec::new(),
+                        ename,
+                        evalue: error.message,
+                        traceback,
+                    }
                 } else {
-                    if !output.content_by_mime_type.is_empty() && !silent {
+                    if !output.content_by_mime_type.is_empty() {
                         let mut data = Map::new();
                         for (mime, content) in output.content_by_mime_type {
                             let v = if mime.ends_with("json") {
@@ -596,47 +709,62 @@ impl Evaluator {
                             };
                             data.insert(mime, v);
                         }
-                        iopub
-                            .send(msg.child(
-                                "execute_result",
-                                json!({"execution_count": count, "data": data, "metadata": {}}),
-                            ))
-                            .ok();
+                        publish(msg.child(
+                            "execute_result",
+                            json!({"execution_count": count, "data": data, "metadata": {}}),
+                        ));
                     }
-                    msg.reply(json!({"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}))
+                    Outcome::Ok
                 }
             }
             Err(evcxr::Error::CompilationErrors(errors)) => {
-                let mut first: Option<(String, Vec<String>)> = None;
-                for error in &errors {
-                    let tb = compile_error_traceback(error, &code, count);
-                    iopub
-                        .send(msg.child("error", json!({"ename": "CompilationError", "evalue": error.message(), "traceback": tb})))
-                        .ok();
-                    first.get_or_insert((error.message(), tb));
+                // One `error` message per diagnostic; the reply carries the first.
+                let mut reports = compile_error_reports(&errors, &code, count).into_iter();
+                let (evalue, traceback) = reports.next().unwrap_or_default();
+                Outcome::Error {
+                    ename: "CompilationError".into(),
+                    evalue,
+                    traceback,
+                    more: reports.collect(),
                 }
-                let (evalue, tb) = first.unwrap_or_default();
-                msg.reply(json!({"status": "error", "execution_count": count, "ename": "CompilationError", "evalue": evalue, "traceback": tb}))
             }
             Err(evcxr::Error::SubprocessTerminated(why)) => {
                 let text = if self.shared.interrupts.load(Ordering::SeqCst) > 1 {
                     "Interrupted twice: the evaluation process was killed and restarted; variables were lost.".to_string()
                 } else {
-                    format!("The evaluation process died ({why}); it was restarted and variables were lost.")
+                    format!(
+                        "The evaluation process died ({}); it was restarted and variables were lost.",
+                        why.trim()
+                    )
                 };
-                error_reply("ProcessTerminated", &text, vec![text.clone()])
+                Outcome::Error {
+                    more: Vec::new(),
+                    ename: "ProcessTerminated".into(),
+                    evalue: text.clone(),
+                    traceback: vec![text],
+                }
             }
             Err(e) => {
                 let text = render_error(&e);
-                error_reply("Error", &text, text.lines().map(str::to_string).collect())
+                Outcome::Error {
+                    more: Vec::new(),
+                    ename: "Error".into(),
+                    evalue: text.clone(),
+                    traceback: text.lines().map(str::to_string).collect(),
+                }
             }
         };
-        if interrupted {
-            iopub
-                .send(msg.child("stream", json!({"name": "stderr", "text": "[interrupted: the cell stopped at its next check; variables are kept]\n"})))
-                .ok();
+        // The note belongs to a cell that stopped at its check and ended normally; a failed
+        // cell's error says what happened.
+        if interrupted && matches!(outcome, Outcome::Ok) {
+            publish(msg.child("stream", json!({"name": "stderr", "text": "[interrupted: the cell stopped at its next check; variables are kept]\n"})));
         }
-        self.pump.lock().unwrap().parent = None;
+        let reply = finish(outcome);
+        {
+            let mut p = self.pump.lock().unwrap();
+            p.parent = None;
+            p.silent = false;
+        }
         reply
     }
 
@@ -696,6 +824,66 @@ fn render_error(e: &evcxr::Error) -> String {
     }
 }
 
+/// `anyhow::Error` -> `Error`, `core::num::error::ParseIntError` -> `ParseIntError`: the last
+/// path segment of the type (generic arguments dropped), or "Error".
+fn short_type_name(type_name: &str) -> String {
+    let base = type_name.split('<').next().unwrap_or("");
+    let name = base.rsplit("::").next().unwrap_or("").trim();
+    if name.is_empty() {
+        "Error".to_string()
+    } else {
+        name.to_string()
+    }
+}
+
+/// A panic location in the cell's terms: `cell line N` when it is in the code evcxr generated
+/// from the cell (`src/lib.rs` of its crate), else as reported (library code).
+fn cell_location(ctx: &evcxr::CommandContext, location: &str) -> String {
+    let mut parts = location.rsplitn(3, ':');
+    let (_column, line, file) = (parts.next(), parts.next(), parts.next());
+    if file == Some("src/lib.rs") {
+        return match line
+            .and_then(|l| l.parse::<usize>().ok())
+            .and_then(|l| ctx.cell_line(l))
+        {
+            Some(line) => format!("cell line {line}"),
+            None => "code evcxr generated for the cell".to_string(),
+        };
+    }
+    location.to_string()
+}
+
+/// One (evalue, traceback) per diagnostic, in the cell's terms: rustc's diagnostic mapped onto
+/// the cell's lines when its span is in the user's code. When no diagnostic points into the
+/// cell (their spans are all in the code evcxr generates around it, as for `let a = std::`,
+/// which runs into evcxr's next line), the cell's syntax errors from rust-analyzer's parser are
+/// reported instead if it has any, else each diagnostic's message and help without the
+/// generated code.
+fn compile_error_reports(
+    errors: &[evcxr::CompilationError],
+    source: &str,
+    count: u64,
+) -> Vec<(String, Vec<String>)> {
+    if !errors.iter().any(|e| e.is_from_user_code()) {
+        let syntax = crate::analysis::syntax_errors(source);
+        if !syntax.is_empty() {
+            return syntax
+                .into_iter()
+                .map(|e| {
+                    (
+                        format!("syntax error at {e}"),
+                        vec![format!("syntax error in cell[{count}] at {e}")],
+                    )
+                })
+                .collect();
+        }
+    }
+    errors
+        .iter()
+        .map(|e| (e.message(), compile_error_traceback(e, source, count)))
+        .collect()
+}
+
 /// rustc's diagnostic, mapped onto the cell's own lines when it comes from user code.
 fn compile_error_traceback(
     error: &evcxr::CompilationError,
@@ -719,12 +907,8 @@ fn compile_error_traceback(
             }
         }
     }
-    let rendered = error.rendered();
-    if rendered.is_empty() {
-        let mut tb = vec![error.message()];
-        tb.extend(error.help().into_iter().map(|h| format!("help: {h}")));
-        tb
-    } else {
-        rendered.lines().map(str::to_string).collect()
-    }
+    // Not in the cell's code: rustc's rendering would quote evcxr's generated code.
+    let mut tb = vec![format!("error: {}", error.message())];
+    tb.extend(error.help().into_iter().map(|h| format!("help: {h}")));
+    tb
 }

@@ -61,6 +61,11 @@ impl Session {
         // Edition 2021: set_var is safe; no other thread exists yet.
         std::env::set_var("EVCXR_TMPDIR", &dir);
         std::env::set_var("DIFFEXPLAINER_KERNEL", "1");
+        // Errors carry their message, not a captured backtrace (candle's `Error::bt` captures one
+        // when this is 1, which evcxr would otherwise force): the vendored evcxr passes our value.
+        if std::env::var_os("RUST_BACKTRACE").is_none() {
+            std::env::set_var("RUST_BACKTRACE", "0");
+        }
         std::env::set_var("DIFFEXPLAINER_INTERRUPT_FILE", &interrupt_file);
         // Cells link std dynamically; their RUNPATH is relative ($ORIGIN/../..), computed from
         // the real build path, which our symlinked target dir (and any tmpdir below $HOME) breaks.

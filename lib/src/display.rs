@@ -4,20 +4,18 @@
 //! Two wire formats, chosen at run time:
 //!
 //! * Under the `diffexplainer-kernel` (which sets `DIFFEXPLAINER_KERNEL=1` in the evaluation
-//!   process), [`show`] prints a *display block*; the kernel turns each block into one
-//!   `display_data` message as soon as it arrives, or into `update_display_data` when the block
-//!   says `"update": true` — so a cell can have many outputs and live-updating ones:
+//!   process), [`show`] prints a *display frame*: one line that starts with [`FRAME_GUARD`]
+//!   (the ASCII control characters RS and US around `EVCXR`, the control-frame guard of the
+//!   kernel's vendored evcxr) and holds one JSON object. The kernel recognises a frame anywhere
+//!   in the output, even after a partial line (`print!("x"); show(..)`), and turns it into one
+//!   `display_data` message as soon as it arrives, or into `update_display_data` when it says
+//!   `"update": true` — so a cell can have many outputs and live-updating ones:
 //!
 //!   ```text
-//!   DIFFEXPLAINER_BEGIN_DISPLAY {"display_id":"de-1a2b","update":false}
-//!   DIFFEXPLAINER_BEGIN_CONTENT image/png
-//!   iVBORw0KGgo...            (base64; text types verbatim, any number of lines)
-//!   DIFFEXPLAINER_END_CONTENT
-//!   DIFFEXPLAINER_BEGIN_CONTENT text/plain
-//!   <Image 64x64>
-//!   DIFFEXPLAINER_END_CONTENT
-//!   DIFFEXPLAINER_END_DISPLAY
+//!   <RS>EVCXR<US>DIFFEXPLAINER_DISPLAY {"display_id":"de-1a2b","update":false,"data":{"image/png":"iVBORw0KGgo...","text/plain":"<Image 64x64>"}}
 //!   ```
+//!
+//!   JSON escapes newlines and control characters, so a frame is always exactly one line.
 //!
 //! * Anywhere else (plain `evcxr_jupyter`, a terminal), [`show`] prints evcxr's own blocks
 //!   (`EVCXR_BEGIN_CONTENT mime` ... `EVCXR_END_CONTENT`); evcxr shows the last block of each
@@ -38,6 +36,9 @@ use candle_core::{DType, Tensor};
 
 /// Environment variable the kernel sets in the evaluation process.
 pub const KERNEL_ENV: &str = "DIFFEXPLAINER_KERNEL";
+/// Starts every control frame on the evaluation process's stdout under the kernel (its vendored
+/// evcxr's guard; see `vendor/README.md`): text output does not contain it by accident.
+pub const FRAME_GUARD: &str = "\u{1e}EVCXR\u{1f}";
 /// Environment variable naming the file whose existence means "interrupt requested".
 pub const INTERRUPT_FILE_ENV: &str = "DIFFEXPLAINER_INTERRUPT_FILE";
 
@@ -97,27 +98,30 @@ impl Display {
     }
 }
 
-/// True when running under the diffexplainer kernel (display blocks and updates supported).
+/// True when running under the diffexplainer kernel (display frames and updates supported).
 pub fn in_kernel() -> bool {
     std::env::var_os(KERNEL_ENV).is_some()
 }
 
-/// The display block text for `display` (public so the format is testable and documented).
+/// The display frame for `display` (public so the format is testable and documented): one line,
+/// [`FRAME_GUARD`], `DIFFEXPLAINER_DISPLAY `, a JSON object with `display_id` (if any),
+/// `update` and `data` (MIME type to content).
 pub fn display_block(display: &Display, display_id: Option<&str>, update: bool) -> String {
-    let mut header = String::from("{");
+    let mut out = format!("{FRAME_GUARD}DIFFEXPLAINER_DISPLAY {{");
     if let Some(id) = display_id {
-        let _ = write!(header, "\"display_id\":\"{}\",", json_escape(id));
+        let _ = write!(out, "\"display_id\":\"{}\",", json_escape(id));
     }
-    let _ = write!(header, "\"update\":{update}}}");
-    let mut out = format!("DIFFEXPLAINER_BEGIN_DISPLAY {header}\n");
-    for (mime, content) in &display.data {
+    let _ = write!(out, "\"update\":{update},\"data\":{{");
+    for (i, (mime, content)) in display.data.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
         let _ = write!(
             out,
-            "DIFFEXPLAINER_BEGIN_CONTENT {mime}\n{}\nDIFFEXPLAINER_END_CONTENT\n",
-            content.trim_end_matches('\n')
+            "{sep}\"{}\":\"{}\"",
+            json_escape(mime),
+            json_escape(content.trim_end_matches('\n'))
         );
     }
-    out.push_str("DIFFEXPLAINER_END_DISPLAY\n");
+    out.push_str("}}\n");
     out
 }
 
@@ -300,8 +304,9 @@ pub fn clear_interrupt() {
     }
 }
 
-/// Installed by the kernel at start: reports panics as a marker line the kernel turns into an
-/// `error` message (the default hook's message still goes to stderr).
+/// Installed by the kernel at start: reports panics as a frame (`DIFFEXPLAINER_PANIC {json}`)
+/// the kernel turns into an `error` message; the default hook does not run (its message would
+/// repeat the error on stderr).
 pub fn install_kernel_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -315,12 +320,14 @@ pub fn install_kernel_panic_hook() {
         let location = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        if !in_kernel() {
+            return default(info);
+        }
         print_atomically(&format!(
-            "DIFFEXPLAINER_PANIC {{\"message\":\"{}\",\"location\":\"{}\"}}\n",
+            "{FRAME_GUARD}DIFFEXPLAINER_PANIC {{\"message\":\"{}\",\"location\":\"{}\"}}\n",
             json_escape(&message),
             json_escape(location.as_deref().unwrap_or(""))
         ));
-        default(info);
     }));
 }
 
@@ -552,11 +559,12 @@ mod tests {
         let block = display_block(&d, Some("id\"1"), true);
         assert_eq!(
             block,
-            "DIFFEXPLAINER_BEGIN_DISPLAY {\"display_id\":\"id\\\"1\",\"update\":true}\n\
-             DIFFEXPLAINER_BEGIN_CONTENT text/plain\nhi\nDIFFEXPLAINER_END_CONTENT\n\
-             DIFFEXPLAINER_BEGIN_CONTENT text/html\n<b>hi</b>\nDIFFEXPLAINER_END_CONTENT\n\
-             DIFFEXPLAINER_END_DISPLAY\n"
+            "\u{1e}EVCXR\u{1f}DIFFEXPLAINER_DISPLAY {\"display_id\":\"id\\\"1\",\"update\":true,\
+             \"data\":{\"text/plain\":\"hi\",\"text/html\":\"<b>hi</b>\"}}\n"
         );
+        // One line whatever the content: newlines and control characters are escaped.
+        let d = Display::new().text("a\nb\u{1e}EVCXR\u{1f}c");
+        assert_eq!(display_block(&d, None, false).lines().count(), 1);
     }
 
     #[test]

@@ -42,7 +42,8 @@ export JUPYTER_PATH="$VENV/share/jupyter"
 export JUPYTER_PLATFORM_DIRS=1
 cd "$ROOT/tests/kernel"
 rc=0
-"$VENV/bin/python" -m unittest -v test_kernel_spec.py test_protocol.py test_notebooks.py test_rich_types.py || rc=$?
+"$VENV/bin/python" -m unittest -v test_kernel_spec.py test_protocol.py test_cell_contract.py \
+  test_output_framing.py test_notebooks.py test_rich_types.py || rc=$?
 
 if [ "${KERNEL_BROWSER_TEST:-1}" = 0 ]; then
   echo "== browser test skipped (KERNEL_BROWSER_TEST=0) =="

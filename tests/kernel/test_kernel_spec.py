@@ -33,9 +33,12 @@ class DiffexplainerKernelTests(jkt.KernelTests):
             "mime": "image/png",
         },
     ]
-    complete_code_samples = ["let x = 1;", "fn f() {}", 'let s = "{";']
+    complete_code_samples = ["let x = 1;", "fn f() {}", 'let s = "{";', r'let p = r"C:\dir\";']
     incomplete_code_samples = ["fn f() {", "let v = vec![1,"]
-    invalid_code_samples = ["}"]
+    invalid_code_samples = ["}", "(]"]
+    # History: this session's inputs (tail, range, search with unique and n).
+    supported_history_operations = ("tail", "range", "search")
+    code_history_pattern = '"abc"*'
     completion_samples = [{"text": "std::collections::HashM"}]
     code_inspect_sample = "std::collections::HashMap"
 
