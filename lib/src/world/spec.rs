@@ -87,13 +87,13 @@ impl Default for ClassifierSection {
         Self {
             seed: 0,
             epochs: 6,
-            batch_size: 64,
-            lr: 3e-3,
+            batch_size: 128,
+            lr: 4e-3,
             weight_decay: 1e-2,
             stem_width: 8,
-            widths: [8, 16, 32, 64],
+            widths: [8, 16, 32, 32],
             layers: [1, 1, 1, 1],
-            strides: [1, 2, 2, 1],
+            strides: [2, 2, 1, 1],
         }
     }
 }

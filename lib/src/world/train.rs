@@ -106,8 +106,9 @@ impl AdamW {
             let decayed = (theta.as_tensor() * (1f64 - lr * p.weight_decay))?;
             let adjusted = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
             theta.set(&(decayed - (adjusted * lr)?)?)?;
-            *m = next_m;
-            *v = next_v;
+            // Detached: the moments must not keep this step's graph (and its activations) alive.
+            *m = next_m.detach();
+            *v = next_v.detach();
         }
         Ok(())
     }
