@@ -89,6 +89,9 @@ pub struct FeatureRow {
     pub score: f64,
     /// Share of the activation map inside the object mask (NaN if never active).
     pub object_share: f64,
+    /// `object_share` over the object's mean area: 1 for a map spread evenly over the image,
+    /// above 1 for one concentrated on the object (informative; the label uses the share).
+    pub share_over_area: f64,
     /// `core` or `spurious`.
     pub label: String,
 }
@@ -303,6 +306,7 @@ pub fn measure(
                 feature: j,
                 score: scores[j] as f64,
                 object_share: share,
+                share_over_area: share / area.max(1e-9),
                 label: if share >= config.core_threshold {
                     "core"
                 } else {
@@ -461,7 +465,7 @@ pub fn markdown(truth: &Truth, spec: &WorldSpec) -> String {
         ));
     }
     md.push_str(&format!(
-        "\n## Top-{} predictive features (Salient ImageNet) and their object share\n\n| class | object area | features (index: score, object share, label) |\n|---|---|---|\n",
+        "\n## Top-{} predictive features (Salient ImageNet) and their object share\n\n| class | object area | features (index: score, object share (share / area), label) |\n|---|---|---|\n",
         c.top_k
     ));
     for f in &truth.features {
@@ -470,10 +474,11 @@ pub fn markdown(truth: &Truth, spec: &WorldSpec) -> String {
             .iter()
             .map(|r| {
                 format!(
-                    "#{}: {:.2}, {}, {}",
+                    "#{}: {:.2}, {} ({:.1}× area), {}",
                     r.feature,
                     r.score,
                     pct(r.object_share),
+                    r.share_over_area,
                     r.label
                 )
             })
