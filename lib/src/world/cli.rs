@@ -264,7 +264,13 @@ fn run_truth(a: &TruthArgs) -> anyhow::Result<()> {
             config.images_per_class
         )
     }
-    let feature_dim = classifier::resnet_config(&spec).feature_dim();
+    let feature_dim = match classifier.config() {
+        crate::models::classifiers::ClassifierConfig::ResNet(c) => c.feature_dim(),
+        _ => anyhow::bail!(
+            "{}: the ground truth's feature measurement needs a ResNet classifier",
+            a.classifier.display()
+        ),
+    };
     if config.top_k == 0 || config.top_k > feature_dim {
         anyhow::bail!(
             "--top-k {}: the classifier has {feature_dim} penultimate features",
