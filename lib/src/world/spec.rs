@@ -196,7 +196,7 @@ impl WorldSpec {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: cannot read the world spec: {e}", path.display()))?;
-        Ok(Self::from_toml(&text, &path.display().to_string())?)
+        Self::from_toml(&text, &path.display().to_string())
     }
 
     /// Parses and validates TOML; `origin` names the source in errors.
