@@ -20,6 +20,8 @@
 //!   differentiable pipeline, the optimization loop, nearest-token explanations, run records.
 //! - [`parity`]: data-driven parity cases against the reference libraries.
 //! - [`testing`]: finite-difference gradient checks, random weights for tests and benchmarks.
+//! - [`world`]: ShapesWorld, a procedural world with planted biases, the classifier under
+//!   audit trained on it, and the ground truth measured from both.
 //! - [`display`]: rich notebook output (images, tables, live progress) and interrupt polling,
 //!   as a plain-text marker protocol any Jupyter kernel can read.
 
@@ -37,3 +39,4 @@ pub mod sampling;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
+pub mod world;

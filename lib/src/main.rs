@@ -67,6 +67,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// ShapesWorld: render the world, train the classifier under audit, measure its ground truth.
+    World(diffexplainer::world::cli::WorldArgs),
     /// Run parity cases (folders holding case.json, or folders of such folders) and print
     /// the max abs/rel error of every output and input gradient.
     Parity {
@@ -237,6 +239,7 @@ fn run() -> anyhow::Result<()> {
             markdown,
             device,
         } => parity(&dirs, markdown, &device),
+        Command::World(args) => diffexplainer::world::cli::run(&args),
     }
 }
 

@@ -75,10 +75,11 @@ pub struct LoraSpec {
 /// Which classifier and how its inputs are prepared.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierSpec {
-    /// A torchvision architecture name (`resnet50`, `vit_b_16`, ...) or `tiny` (the tiny random
-    /// ViT of the embedded default).
+    /// A torchvision architecture name (`resnet50`, `vit_b_16`, ...), `tiny` (the tiny random
+    /// ViT of the embedded default) or `folder` (a classifier folder, see
+    /// [`crate::models::classifiers::folder`]).
     pub arch: String,
-    /// The checkpoint (`None` for `tiny`).
+    /// The checkpoint (`None` for `tiny`; the folder for `folder`).
     pub checkpoint: Option<PathBuf>,
     /// The square side images are resized to (antialiased) before the classifier: 256 for the
     /// CNNs, 224 for ViT-B/16.
@@ -96,6 +97,9 @@ pub const CLASSIFIER_PRESETS: &[(&str, &str, usize, Option<&str>)] = &[
     ("robust-resnet50", "resnet50", 256, None),
 ];
 
+/// [`ClassifierSpec::arch`] of a classifier folder.
+pub const FOLDER_ARCH: &str = "folder";
+
 /// Diffusion presets, by name.
 pub const DIFFUSION_PRESETS: &[&str] = &["sd15-lcm", "sd-turbo", "tiny"];
 
@@ -103,6 +107,9 @@ impl ClassifierSpec {
     /// A classifier preset with a checkpoint. Without one, torchvision's file is looked up in
     /// the torch hub cache (`$TORCH_HOME/hub/checkpoints/`, default `~/.cache/torch`).
     pub fn preset(name: &str, checkpoint: Option<PathBuf>) -> anyhow::Result<Self> {
+        if crate::models::classifiers::is_classifier_folder(Path::new(name)) {
+            return Self::folder(Path::new(name), checkpoint);
+        }
         let Some(&(_, arch, input_size, file)) =
             CLASSIFIER_PRESETS.iter().find(|(n, ..)| *n == name)
         else {
@@ -144,6 +151,24 @@ impl ClassifierSpec {
             arch: arch.to_string(),
             checkpoint: Some(checkpoint),
             input_size,
+        })
+    }
+
+    /// A classifier folder (`config.json` + `model.safetensors`, e.g. a ShapesWorld
+    /// classifier); its input size comes from its config.
+    pub fn folder(dir: &Path, checkpoint: Option<PathBuf>) -> anyhow::Result<Self> {
+        if checkpoint.is_some() {
+            anyhow::bail!(
+                "classifier {} is a folder with its own weights: --classifier-checkpoint would \
+                 have no effect",
+                dir.display()
+            )
+        }
+        let config = crate::models::classifiers::ClassifierFolderConfig::read(dir)?;
+        Ok(Self {
+            arch: FOLDER_ARCH.to_string(),
+            checkpoint: Some(dir.to_path_buf()),
+            input_size: config.input_size,
         })
     }
 
@@ -432,6 +457,11 @@ impl ModelBundle {
                     _ => 0,
                 };
                 tiny_classifier(seed, classifier_dtype, device)?
+            }
+            (FOLDER_ARCH, Some(dir)) => {
+                Classifier::from_dir(dir, classifier_dtype, device)
+                    .with_context(|| format!("loading classifier folder {}", dir.display()))?
+                    .0
             }
             (arch, Some(path)) => {
                 let c = Classifier::load(arch, path, device).with_context(|| {

@@ -6,6 +6,7 @@
 //! taps. Every model takes *normalized* images (see [`Preprocess`]); the whole path from input
 //! to logits is differentiable.
 
+pub mod folder;
 pub mod preprocess;
 pub mod resnet;
 pub mod vgg;
@@ -19,8 +20,9 @@ use candle_nn::VarBuilder;
 
 use crate::weights::Checkpoint;
 
+pub use folder::{is_classifier_folder, ClassifierFolderConfig};
 pub use preprocess::Preprocess;
-pub use resnet::{BlockKind, ResNet, ResNetConfig, ResNetOutput};
+pub use resnet::{BlockKind, ResNet, ResNetConfig, ResNetOutput, Stem};
 pub use vgg::{Vgg, VggConfig, VggLayer, VggOutput};
 pub use vit::{VisionTransformer, VitConfig, VitOutput};
 

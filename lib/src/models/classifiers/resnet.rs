@@ -4,6 +4,9 @@
 //! Parameter names are torchvision's (`conv1`, `bn1`, `layer{1..4}.{i}.conv1/bn1/...`,
 //! `downsample.0/.1`, `fc`), so a torchvision state dict loads as is. Inference only: batch norm
 //! uses its running statistics, folded into a per-channel affine.
+//!
+//! Two config fields beyond torchvision's arguments serve small images (the ShapesWorld
+//! classifier): [`Stem::Small`] (a 3×3/1 stem conv, no max pool) and per-stage `strides`.
 
 use crate::ops::{Conv2d, Conv2dConfig, Linear};
 use candle_core::{Module, Result, Tensor};
@@ -45,6 +48,28 @@ pub struct ResNetConfig {
     /// Output channels of the 7×7 stem conv (torchvision's `inplanes = 64`).
     pub stem_width: usize,
     pub num_classes: usize,
+    /// The stem (not a torchvision argument; absent from a `config.json` means torchvision's).
+    #[serde(default)]
+    pub stem: Stem,
+    /// Stride of each stage's first block (torchvision: `[1, 2, 2, 2]`).
+    #[serde(default = "default_strides")]
+    pub strides: [usize; 4],
+}
+
+/// The ResNet stem.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stem {
+    /// torchvision's: a 7×7 conv with stride 2, then a 3×3/2 max pool (¼ of the resolution).
+    #[default]
+    Imagenet,
+    /// For small images (the CIFAR ResNets' stem): a 3×3 conv with stride 1 and no pool, so a
+    /// 32×32 image keeps its resolution into `layer1`.
+    Small,
+}
+
+fn default_strides() -> [usize; 4] {
+    [1, 2, 2, 2]
 }
 
 impl ResNetConfig {
@@ -55,6 +80,8 @@ impl ResNetConfig {
             widths: [64, 128, 256, 512],
             stem_width: 64,
             num_classes: 1000,
+            stem: Stem::Imagenet,
+            strides: default_strides(),
         }
     }
 
@@ -198,20 +225,28 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn new(vb: VarBuilder, cfg: &ResNetConfig) -> Result<Self> {
+        let (kernel, stride) = if cfg.stem == Stem::Small {
+            (3, 1)
+        } else {
+            (7, 2)
+        };
         let stem = Conv2dConfig {
-            stride: 2,
-            padding: 3,
+            stride,
+            padding: kernel / 2,
             ..Default::default()
         };
-        let conv1 = crate::ops::conv2d_no_bias(3, cfg.stem_width, 7, stem, vb.pp("conv1"))?;
+        let conv1 = crate::ops::conv2d_no_bias(3, cfg.stem_width, kernel, stem, vb.pp("conv1"))?;
         let bn1 = BatchNorm2d::new(vb.pp("bn1"), cfg.stem_width, BN_EPS)?;
         let mut c_in = cfg.stem_width;
         let mut stages: [Vec<Block>; 4] = Default::default();
         for (s, stage) in stages.iter_mut().enumerate() {
             let vb_stage = vb.pp(format!("layer{}", s + 1));
             for i in 0..cfg.layers[s] {
-                // Only the first block of stages 2-4 halves the resolution.
-                let stride = if s > 0 && i == 0 { 2 } else { 1 };
+                // Only the first block of a stage is strided (torchvision: stages 2-4 halve).
+                let stride = if i == 0 { cfg.strides[s] } else { 1 };
+                if stride == 0 {
+                    candle_core::bail!("ResNet config: strides[{s}] is 0")
+                }
                 stage.push(Block::new(
                     vb_stage.pp(i),
                     cfg.block,
@@ -236,12 +271,21 @@ impl ResNet {
         &self.config
     }
 
+    /// The final linear layer (`fc`): weight `[num_classes, feature_dim]`.
+    pub fn fc(&self) -> &Linear {
+        &self.fc
+    }
+
     /// `x`: normalized images `[b, 3, h, w]`.
     pub fn forward_all(&self, x: &Tensor) -> Result<ResNetOutput> {
         let x = crate::ops::relu(&self.bn1.forward(&self.conv1.forward(x)?)?)?;
         // A 3×3/2 pool with padding: kernel != stride, so candle's own max_pool2d would cut the
         // gradient; ops::max_pool2d's backward is exact.
-        let mut x = ops::max_pool2d(&x, 3, 2, 1)?;
+        let mut x = if self.config.stem == Stem::Small {
+            x
+        } else {
+            ops::max_pool2d(&x, 3, 2, 1)?
+        };
         let mut stages = Vec::with_capacity(4);
         for stage in &self.stages {
             for block in stage {

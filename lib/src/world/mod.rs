@@ -1,0 +1,22 @@
+//! ShapesWorld: a procedural world of shapes with planted biases, the classifier under audit
+//! trained on it, and the ground truth measured from both (docs/shapesworld.md).
+//!
+//! - [`spec`]: the TOML world spec and its validation;
+//! - [`render`]: the deterministic anti-aliased renderer (images, exact masks, captions);
+//! - [`splits`]: the biased train/validation splits and the balanced split;
+//! - [`train`]: the one trainer every world model uses (seeded batches, AdamW, checkpoints);
+//! - [`classifier`]: the classifier under audit (a tiny torchvision-named ResNet) and its
+//!   per-group accuracy;
+//! - [`truth`]: reliance by intervention and predictive features' object shares;
+//! - [`cli`]: `diffexplainer world render | train-classifier | truth`.
+
+pub mod classifier;
+pub mod cli;
+pub mod render;
+pub mod spec;
+pub mod splits;
+pub mod train;
+pub mod truth;
+
+pub use spec::WorldSpec;
+pub use splits::{sample, Dataset, Sample, Split};
