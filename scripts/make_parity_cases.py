@@ -513,6 +513,23 @@ def _():
     return resize_case((1, 2, 6, 5), (13, 11), False)
 
 
+@case("op_resize_bicubic")
+def _():
+    # transformers' position-embedding interpolation (CLIP vision, CLIPSeg): up, and down.
+    return functional(
+        "op.resize_bicubic",
+        "torch.nn.functional.interpolate(mode='bicubic', align_corners=False)",
+        lambda x: torch.cat(
+            [
+                F.interpolate(x, size=(9, 7), mode="bicubic", align_corners=False).flatten(),
+                F.interpolate(x, size=(3, 4), mode="bicubic", align_corners=False).flatten(),
+            ]
+        ),
+        torch.randn((1, 2, 5, 6)),
+        options={"sizes": [[9, 7], [3, 4]]},
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # CLIP text encoder (transformers)
 # ---------------------------------------------------------------------------------------------

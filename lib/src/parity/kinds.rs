@@ -39,6 +39,7 @@ pub const KINDS: &[(&str, Runner)] = &[
         unary(c, ops::upsample_nearest2x)
     }),
     ("op.resize_bilinear", resize_bilinear),
+    ("op.resize_bicubic", resize_bicubic),
     ("clip_text", clip_text),
     ("clip_vision", clip_vision),
     ("clipseg", clipseg),
@@ -124,6 +125,18 @@ fn resize_bilinear(case: &CaseInputs) -> anyhow::Result<Outputs> {
     let [h, w]: [usize; 2] = required(case, "size")?;
     let antialias = case.option::<bool>("antialias")?.unwrap_or(false);
     single(ops::resize_bilinear(case.input("x")?, (h, w), antialias)?)
+}
+
+/// Several output sizes of one input, flattened and concatenated (one case covers up- and
+/// downscaling).
+fn resize_bicubic(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let sizes: Vec<[usize; 2]> = required(case, "sizes")?;
+    let x = case.input("x")?;
+    let parts = sizes
+        .iter()
+        .map(|&[h, w]| ops::resize_bicubic(x, (h, w))?.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    single(Tensor::cat(&parts, 0)?)
 }
 
 #[derive(Deserialize)]
