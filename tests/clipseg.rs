@@ -125,6 +125,11 @@ fn segmenter_gives_masks_at_the_image_size_independent_of_padding() {
         .unwrap();
     let queries = ["a photo of a red square", "a circle"];
     let out = seg.segment(&images, &queries).unwrap();
+    // f64 images run through the f32 model too.
+    let out64 = seg
+        .segment(&images.to_dtype(DType::F64).unwrap(), &queries)
+        .unwrap();
+    assert_eq!(out64.probabilities.dtype(), DType::F32);
     // The complex head upsamples by (patch/4)² = 4 per patch here (16 = patch at real size).
     assert_eq!(out.logits.dims(), &[2, 16, 16]);
     assert_eq!(out.probabilities.dims(), &[2, 40, 36]);
@@ -164,6 +169,39 @@ fn segmenter_gives_masks_at_the_image_size_independent_of_padding() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(diff > 1e-4, "the query does not condition the mask");
+}
+
+#[test]
+fn loads_a_saved_folder_and_names_a_missing_file() {
+    let src = case_dir("clipseg_simple");
+    let dir = std::env::temp_dir().join(format!("clipseg_from_dir_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let err = ClipSegForImageSegmentation::from_dir(&dir, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    std::fs::copy(
+        src.join("weights.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let model = ClipSegForImageSegmentation::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let reference = load("clipseg_simple", DType::F32);
+    let ids = Tensor::new(&[[97i64, 40, 98]], &Device::Cpu).unwrap();
+    let pixels = pseudo_random_tensor(&[1, 3, 32, 32], 1.0, 6, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let a = model
+        .forward(&pixels, &model.conditional_embeddings(&ids).unwrap())
+        .unwrap();
+    let b = reference
+        .forward(&pixels, &reference.conditional_embeddings(&ids).unwrap())
+        .unwrap();
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
 }
 
 #[test]

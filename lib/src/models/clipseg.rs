@@ -520,7 +520,8 @@ impl Segmenter {
         )
     }
 
-    /// `images` `[b, 3, h, w]` in `[0, 1]` (f32 or f64), `queries` one per image.
+    /// `images` `[b, 3, h, w]` in `[0, 1]` (any float dtype; computed in the model's dtype, which
+    /// the outputs have), `queries` one per image.
     pub fn segment(&self, images: &Tensor, queries: &[&str]) -> Result<Segmentation> {
         let (b, _, h, w) = images.dims4().map_err(|_| {
             candle_core::Error::Msg(format!(
@@ -535,13 +536,9 @@ impl Segmenter {
             )
         }
         let ids = self.tokenize(queries)?;
-        let cond = self
-            .model
-            .conditional_embeddings(&ids)?
-            .to_dtype(images.dtype())?;
-        let logits = self
-            .model
-            .forward(&self.processor.preprocess(images)?, &cond)?;
+        let cond = self.model.conditional_embeddings(&ids)?;
+        let pixel_values = self.processor.preprocess(images)?.to_dtype(cond.dtype())?;
+        let logits = self.model.forward(&pixel_values, &cond)?;
         let probs = candle_nn::ops::sigmoid(&logits)?.unsqueeze(1)?;
         let probabilities = ops::resize_bilinear(&probs, (h, w), false)?.squeeze(1)?;
         Ok(Segmentation {
