@@ -513,6 +513,23 @@ def _():
     return resize_case((1, 2, 6, 5), (13, 11), False)
 
 
+@case("op_resize_bicubic")
+def _():
+    # transformers' position-embedding interpolation (CLIP vision, CLIPSeg): up, and down.
+    return functional(
+        "op.resize_bicubic",
+        "torch.nn.functional.interpolate(mode='bicubic', align_corners=False)",
+        lambda x: torch.cat(
+            [
+                F.interpolate(x, size=(9, 7), mode="bicubic", align_corners=False).flatten(),
+                F.interpolate(x, size=(3, 4), mode="bicubic", align_corners=False).flatten(),
+            ]
+        ),
+        torch.randn((1, 2, 5, 6)),
+        options={"sizes": [[9, 7], [3, 4]]},
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # CLIP text encoder (transformers)
 # ---------------------------------------------------------------------------------------------
@@ -614,6 +631,171 @@ def _():
     ]
     ids = clip_ids(rows, fill=0)
     return clip_text_case("gelu", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": 0}, ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP vision tower (transformers)
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_vision_case(hidden_act: str, size: tuple, hidden_states: list, interpolate: bool) -> Case:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        projection_dim=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+        hidden_act=hidden_act,
+    )
+    model = CLIPVisionModelWithProjection(cfg).eval()
+    randomize_(model, gain=1.0, emb_std=1.0)
+    with torch.no_grad():
+        model.vision_model.embeddings.class_embedding.normal_(0.0, 1.0)
+
+    tmp = Path(tempfile.mkdtemp(prefix="clip_vision_"))
+    model.save_pretrained(tmp)
+    weights = load_file(str(tmp / "model.safetensors"))
+    own = model.state_dict()
+    assert weights.keys() == own.keys() and all(torch.equal(weights[k], own[k]) for k in own)
+    assert any(k.startswith("vision_model.") for k in weights)
+
+    models = {torch.float32: model, torch.float64: copy.deepcopy(model).to(torch.float64)}
+
+    def forward(inp, dt):
+        out = models[dt](
+            pixel_values=inp["pixel_values"],
+            interpolate_pos_encoding=interpolate,
+            output_hidden_states=True,
+        )
+        res = {
+            "last_hidden_state": out.last_hidden_state,
+            "pooler_output": models[dt].vision_model(
+                pixel_values=inp["pixel_values"], interpolate_pos_encoding=interpolate
+            ).pooler_output,
+            "image_embeds": out.image_embeds,
+        }
+        for i in hidden_states:
+            res[f"hidden_states.{i}"] = out.hidden_states[i]
+        return res
+
+    pixel_values = torch.randn(2, 3, *size)
+    return Case(
+        kind="clip_vision",
+        reference=f"transformers {TF_V} CLIPVisionModelWithProjection "
+        f"(attn_implementation={model.config._attn_implementation}, interpolate_pos_encoding={interpolate})",
+        inputs={"pixel_values": pixel_values},
+        outputs=["last_hidden_state", "pooler_output", "image_embeds"]
+        + [f"hidden_states.{i}" for i in hidden_states],
+        grad_inputs=["pixel_values"],
+        forward=forward,
+        config_file=tmp / "config.json",
+        weights=weights,
+        options={"hidden_states": hidden_states, "interpolate_pos_encoding": interpolate},
+    )
+
+
+@case("clip_vision_quickgelu")
+def _():
+    # The model's own 16x16 input (4x4 patches of 4 px): no interpolation.
+    return clip_vision_case("quick_gelu", (16, 16), [0, 2], interpolate=False)
+
+
+@case("clip_vision_gelu_interpolated")
+def _():
+    # A 24x20 input: a 6x5 patch grid, so the 4x4 position grid is resized bicubically.
+    return clip_vision_case("gelu", (24, 20), [1, 3], interpolate=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIPSeg (transformers)
+# ---------------------------------------------------------------------------------------------
+
+
+def clipseg_case(complex_head: bool, size: int, input_ids: torch.Tensor) -> Case:
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    cfg = CLIPSegConfig(
+        text_config=dict(
+            vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=24,
+        extract_layers=[0, 1, 2],
+        reduce_dim=16,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=20,
+        use_complex_transposed_convolution=complex_head,
+    )
+    model = CLIPSegForImageSegmentation(cfg).eval()
+    randomize_(model, gain=1.0, emb_std=1.0)
+    with torch.no_grad():
+        model.clip.vision_model.embeddings.class_embedding.normal_(0.0, 1.0)
+        for mod in model.modules():
+            if isinstance(mod, nn.ConvTranspose2d):
+                mod.weight.normal_(0.0, 1.0 / math.sqrt(mod.weight.shape[0]))
+                mod.bias.normal_(0.0, 0.2)
+
+    tmp = Path(tempfile.mkdtemp(prefix="clipseg_"))
+    model.save_pretrained(tmp)
+    weights = load_file(str(tmp / "model.safetensors"))
+    own = model.state_dict()
+    assert weights.keys() == own.keys() and all(torch.equal(weights[k], own[k]) for k in own)
+
+    models = {torch.float32: model, torch.float64: copy.deepcopy(model).to(torch.float64)}
+
+    def forward(inp, dt):
+        # transformers runs the vision tower under no_grad; the same steps with grad enabled.
+        m = models[dt]
+        vision = m.clip.vision_model(
+            pixel_values=inp["pixel_values"], interpolate_pos_encoding=True, output_hidden_states=True
+        )
+        activations = [vision.hidden_states[i + 1] for i in m.extract_layers]
+        with torch.no_grad():
+            cond = m.clip.get_text_features(inp["input_ids"]).pooler_output
+        logits = m.decoder(activations, cond).logits
+        return {"logits": logits, "conditional_embeddings": cond}
+
+    pixel_values = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        whole = models[torch.float64](input_ids=input_ids, pixel_values=pixel_values.double()).logits
+        steps = forward({"input_ids": input_ids, "pixel_values": pixel_values.double()}, torch.float64)
+        assert torch.equal(whole, steps["logits"])
+
+    return Case(
+        kind="clipseg",
+        reference=f"transformers {TF_V} CLIPSegForImageSegmentation "
+        f"(use_complex_transposed_convolution={complex_head}, interpolate_pos_encoding=True; "
+        "the vision tower and decoder run with grad enabled for the pixel gradient)",
+        inputs={"pixel_values": pixel_values, "input_ids": input_ids},
+        outputs=["logits", "conditional_embeddings"],
+        grad_inputs=["pixel_values"],
+        forward=forward,
+        config_file=tmp / "config.json",
+        weights=weights,
+    )
+
+
+@case("clipseg_refined")
+def _():
+    # The refined model's head; a 48 px input on a 32 px model (4x4 -> 6x6 patch grid), as the
+    # real model runs 352 px on its 224 px positions. Legacy eos_token_id 2: pooled at the argmax.
+    ids = clip_ids([[97, 12, 2, 45, 98], [97, 3, 88, 14, 51, 9, 98]], fill=98)
+    return clipseg_case(True, 48, ids)
+
+
+@case("clipseg_simple")
+def _():
+    # The plain ConvTranspose2d head at the model's own size.
+    ids = clip_ids([[97, 40, 98], [97, 5, 6, 7, 98]], fill=98)
+    return clipseg_case(False, 32, ids)
 
 
 # ---------------------------------------------------------------------------------------------

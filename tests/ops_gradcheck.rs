@@ -194,6 +194,17 @@ fn bilinear_resize() {
 }
 
 #[test]
+fn bicubic_resize() {
+    let x = input(&[1, 2, 6, 5], 1.0, 19);
+    assert_gradient(
+        "bicubic 6x5->13x11",
+        |x| ops::resize_bicubic(x, (13, 11)),
+        &x,
+    );
+    assert_gradient("bicubic 6x5->4x3", |x| ops::resize_bicubic(x, (4, 3)), &x);
+}
+
+#[test]
 fn resize_weights_preserve_constants() {
     // Each interpolation row sums to one: a constant image stays constant, any scale factor.
     for (from, to, aa) in [

@@ -36,6 +36,7 @@ pub mod plot;
 pub mod pretrained;
 pub mod rng;
 pub mod sampling;
+pub mod spurious;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

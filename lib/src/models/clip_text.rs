@@ -37,12 +37,12 @@
 
 use std::path::Path;
 
-use crate::ops::{linear, Linear};
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 
-use crate::ops::{self, Activation, AttentionMask, LayerNorm};
+use super::clip_encoder::{ClipEncoderLayer, LayerDims};
+use crate::ops::{Activation, AttentionMask, LayerNorm};
 
 /// transformers' `CLIPTextConfig`, with its defaults for absent fields. Unknown fields are
 /// ignored. Public fields, so a tiny configuration can be written in code.
@@ -121,13 +121,13 @@ mod defaults {
     }
 }
 
-fn deserialize_hidden_act<'de, D: Deserializer<'de>>(
+pub(crate) fn deserialize_hidden_act<'de, D: Deserializer<'de>>(
     d: D,
 ) -> std::result::Result<Activation, D::Error> {
     let name = String::deserialize(d)?;
     serde_json::from_value(serde_json::Value::String(name.clone())).map_err(|_| {
         serde::de::Error::custom(format!(
-            "unknown hidden_act `{name}` (CLIP text encoders use \"quick_gelu\" or \"gelu\"; \
+            "unknown hidden_act `{name}` (CLIP towers use \"quick_gelu\" or \"gelu\"; \
              also supported: \"gelu_new\", \"gelu_pytorch_tanh\", \"silu\", \"relu\")"
         ))
     })
@@ -172,8 +172,21 @@ impl ClipTextConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// The sizes of one encoder layer.
+    pub fn layer_dims(&self) -> LayerDims {
+        LayerDims {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            hidden_act: self.hidden_act,
+            layer_norm_eps: self.layer_norm_eps,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             bail!(
                 "CLIP text config: hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size,
@@ -196,75 +209,6 @@ pub struct ClipTextOutput {
     pub pooled: Tensor,
 }
 
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    num_heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
-        Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: linear(d, d, vb.pp("v_proj"))?,
-            out_proj: linear(d, d, vb.pp("out_proj"))?,
-            num_heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, s, d) = x.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, s, self.num_heads, self.head_dim))?
-                .transpose(1, 2)
-        };
-        let q = heads(self.q_proj.forward(x)?)?;
-        let k = heads(self.k_proj.forward(x)?)?;
-        let v = heads(self.v_proj.forward(x)?)?;
-        let y = ops::scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, None)?;
-        self.out_proj
-            .forward(&y.transpose(1, 2)?.contiguous()?.reshape((b, s, d))?)
-    }
-}
-
-/// One pre-LN transformer layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
-#[derive(Debug, Clone)]
-struct EncoderLayer {
-    self_attn: Attention,
-    layer_norm1: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
-    layer_norm2: LayerNorm,
-}
-
-impl EncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-        Ok(Self {
-            self_attn: Attention::new(vb.pp("self_attn"), cfg)?,
-            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), d, eps)?,
-            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
-            act: cfg.hidden_act,
-            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), d, eps)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        x + self.fc2.forward(&self.act.forward(&h)?)?
-    }
-}
-
 /// transformers' `CLIPTextModel` (no projection head).
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
@@ -272,7 +216,7 @@ pub struct ClipTextModel {
     pub token_embedding: Tensor,
     /// `[max_position_embeddings, d]`.
     pub position_embedding: Tensor,
-    layers: Vec<EncoderLayer>,
+    layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
     cfg: ClipTextConfig,
 }
@@ -290,7 +234,7 @@ impl ClipTextModel {
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(vb.pp("encoder").pp("layers").pp(i), cfg))
+            .map(|i| ClipEncoderLayer::new(vb.pp("encoder").pp("layers").pp(i), &cfg.layer_dims()))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             token_embedding: emb
@@ -424,7 +368,7 @@ impl ClipTextModel {
         let mut penultimate = x.clone();
         for layer in &self.layers {
             penultimate = x.clone();
-            x = layer.forward(&x)?;
+            x = layer.forward(&x, AttentionMask::Causal)?;
         }
         let last_hidden_state = self.final_layer_norm.forward(&x)?;
 

@@ -2,6 +2,9 @@
 //! prefixes, so reference weights load with no renaming table.
 
 pub mod classifiers;
+pub mod clip_encoder;
 pub mod clip_text;
+pub mod clip_vision;
+pub mod clipseg;
 pub mod unet;
 pub mod vae;

@@ -32,7 +32,7 @@ pub use frozen::{
 pub use group_norm::{group_norm_fused, GroupNormImpl};
 pub use norm::{group_norm, group_norm_composed, layer_norm, BatchNorm2d, GroupNorm, LayerNorm};
 pub use pool::{adaptive_avg_pool2d, avg_pool2d, max_pool2d};
-pub use resize::{resize_bilinear, upsample_nearest2x};
+pub use resize::{resize_bicubic, resize_bilinear, upsample_nearest2x};
 pub use softmax::{log_softmax_last_dim, softmax_last_dim};
 
 use candle_core::{DType, Result, Tensor};

@@ -34,6 +34,49 @@ pub fn resize_bilinear(
     apply_separable(x, &rows, &cols)
 }
 
+/// Bicubic resize of `[b, c, h, w]` to `(out_h, out_w)`: PyTorch's
+/// `F.interpolate(mode="bicubic", align_corners=False)` (Keys' cubic with `A = -0.75`, source
+/// coordinates not clamped, taps clamped at the border). transformers uses it to interpolate ViT
+/// position embeddings to another grid (CLIPSeg at 352 px).
+pub fn resize_bicubic(x: &Tensor, (out_h, out_w): (usize, usize)) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if out_h == 0 || out_w == 0 {
+        candle_core::bail!("resize_bicubic: output size {out_h}x{out_w} must be positive")
+    }
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    let rows = bicubic_matrix(h, out_h, x.dtype(), x.device())?;
+    let cols = bicubic_matrix(w, out_w, x.dtype(), x.device())?;
+    apply_separable(x, &rows, &cols)
+}
+
+/// The `[output, input]` bicubic interpolation matrix for one axis (PyTorch's
+/// `upsample_bicubic2d`, `align_corners=False`).
+pub fn bicubic_matrix(
+    input: usize,
+    output: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0; // |x| <= 1
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A; // 1 < |x| < 2
+    let scale = input as f64 / output as f64;
+    let mut m = vec![0f64; output * input];
+    for i in 0..output {
+        let src = scale * (i as f64 + 0.5) - 0.5;
+        let x0 = src.floor();
+        let t = src - x0;
+        let weights = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+        for (k, weight) in weights.iter().enumerate() {
+            let j = (x0 as i64 - 1 + k as i64).clamp(0, input as i64 - 1) as usize;
+            m[i * input + j] += weight;
+        }
+    }
+    Tensor::from_vec(m, (output, input), device)?.to_dtype(dtype)
+}
+
 /// `rows [out_h, h] · x [b, c, h, w] · colsᵀ [w, out_w]`.
 pub(crate) fn apply_separable(x: &Tensor, rows: &Tensor, cols: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;

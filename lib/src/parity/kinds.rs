@@ -9,6 +9,10 @@ use serde::Deserialize;
 use super::CaseInputs;
 use crate::models::classifiers::{Classifier, ClassifierConfig, Preprocess};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::clip_vision::{
+    ClipVisionConfig, ClipVisionModelWithProjection, ClipVisionOptions,
+};
+use crate::models::clipseg::{ClipSegConfig, ClipSegForImageSegmentation};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::ops;
@@ -35,7 +39,10 @@ pub const KINDS: &[(&str, Runner)] = &[
         unary(c, ops::upsample_nearest2x)
     }),
     ("op.resize_bilinear", resize_bilinear),
+    ("op.resize_bicubic", resize_bicubic),
     ("clip_text", clip_text),
+    ("clip_vision", clip_vision),
+    ("clipseg", clipseg),
     ("resnet", |c| classifier(c, ClassifierConfig::ResNet)),
     ("vgg", |c| classifier(c, ClassifierConfig::Vgg)),
     ("vit", |c| classifier(c, ClassifierConfig::Vit)),
@@ -118,6 +125,18 @@ fn resize_bilinear(case: &CaseInputs) -> anyhow::Result<Outputs> {
     let [h, w]: [usize; 2] = required(case, "size")?;
     let antialias = case.option::<bool>("antialias")?.unwrap_or(false);
     single(ops::resize_bilinear(case.input("x")?, (h, w), antialias)?)
+}
+
+/// Several output sizes of one input, flattened and concatenated (one case covers up- and
+/// downscaling).
+fn resize_bicubic(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let sizes: Vec<[usize; 2]> = required(case, "sizes")?;
+    let x = case.input("x")?;
+    let parts = sizes
+        .iter()
+        .map(|&[h, w]| ops::resize_bicubic(x, (h, w))?.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    single(Tensor::cat(&parts, 0)?)
 }
 
 #[derive(Deserialize)]
@@ -242,5 +261,44 @@ fn clip_text(case: &CaseInputs) -> anyhow::Result<Outputs> {
             out.penultimate_hidden_state,
         ),
         ("pooler_output".to_string(), out.pooled),
+    ]))
+}
+
+/// `CLIPVisionModelWithProjection` on `pixel_values`: `last_hidden_state`, `pooler_output`,
+/// `image_embeds`, and `hidden_states.<i>` for each index in `options.hidden_states`.
+fn clip_vision(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg = ClipVisionConfig::from_value(case.config.clone())?;
+    let model = ClipVisionModelWithProjection::new(case.weights()?, &cfg)?;
+    let options = ClipVisionOptions {
+        hidden_states: case.option("hidden_states")?.unwrap_or_default(),
+        interpolate_pos_encoding: case.option("interpolate_pos_encoding")?.unwrap_or(false),
+    };
+    let out = model
+        .vision_model
+        .forward_with(case.input("pixel_values")?, &options)?;
+    let mut outputs = HashMap::from([
+        (
+            "image_embeds".to_string(),
+            model.image_embeds(&out.pooler_output)?,
+        ),
+        ("last_hidden_state".to_string(), out.last_hidden_state),
+        ("pooler_output".to_string(), out.pooler_output),
+    ]);
+    for (i, h) in out.hidden_states {
+        outputs.insert(format!("hidden_states.{i}"), h);
+    }
+    Ok(outputs)
+}
+
+/// `CLIPSegForImageSegmentation` on `pixel_values` (normalized) and `input_ids` (the text query):
+/// `logits` and `conditional_embeddings`.
+fn clipseg(case: &CaseInputs) -> anyhow::Result<Outputs> {
+    let cfg = ClipSegConfig::from_value(case.config.clone())?;
+    let model = ClipSegForImageSegmentation::new(case.weights()?, &cfg)?;
+    let cond = model.conditional_embeddings(case.input("input_ids")?)?;
+    let logits = model.forward(case.input("pixel_values")?, &cond)?;
+    Ok(HashMap::from([
+        ("logits".to_string(), logits),
+        ("conditional_embeddings".to_string(), cond),
     ]))
 }
