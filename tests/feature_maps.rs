@@ -3,7 +3,9 @@
 //! half mask, and errors for bad input.
 
 use candle_core::{DType, Device, Tensor};
-use diffexplainer::models::classifiers::{BlockKind, Classifier, ClassifierConfig, ResNetConfig};
+use diffexplainer::models::classifiers::{
+    BlockKind, Classifier, ClassifierConfig, ResNetConfig, Stem,
+};
 use diffexplainer::spurious::feature_maps::{activation_map, feature_map, share_inside};
 use diffexplainer::testing::{pseudo_random_tensor, random_var_builder};
 
@@ -14,6 +16,8 @@ fn tiny_resnet() -> Classifier {
         widths: [4, 4, 8, 8],
         stem_width: 4,
         num_classes: 3,
+        stem: Stem::Imagenet,
+        strides: [1, 2, 2, 2],
     });
     Classifier::new(random_var_builder(DType::F64, &Device::Cpu), &cfg).unwrap()
 }
