@@ -76,8 +76,19 @@ fn explain_on_the_tiny_default_then_show_and_tokens() {
     assert_eq!(e["nearest"][0].as_array().unwrap().len(), 2);
     assert_eq!(e, json["summary"]["explanation"].clone().tap_top(2));
 
-    // The prompt file alone, with the models named on the command line (the tiny default).
+    // The prompt file alone does not name its model: refused without model options...
     let o = run(&["tokens", out.join("prompt.safetensors").to_str().unwrap()]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("does not record the model"),
+        "{}",
+        stderr(&o)
+    );
+    // ...and read with the models named on the command line (the tiny default).
+    let o = run(&[
+        "tokens",
+        out.join("prompt.safetensors").to_str().unwrap(),
+        "--tiny",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stdout(&o).starts_with("prompt: A texture of "),
@@ -350,6 +361,18 @@ fn options_without_effect_are_refused_before_anything_is_written() {
         (&["--lr=-1"][..], "--lr must be a positive"),
         (&["--guidance", "0"][..], "--guidance 0"),
         (&["--guidance", "1"][..], "only above 1"),
+        (
+            &["--neuron", "2", "--early-stop", "3"][..],
+            "--early-stop counts iterations",
+        ),
+        (
+            &["--features", "1,2", "--early-stop", "3"][..],
+            "--early-stop counts iterations",
+        ),
+        (
+            &["--neuron", "2", "--log-probability"][..],
+            "--log-probability applies to --class",
+        ),
     ] {
         let mut all = vec!["explain"];
         all.extend_from_slice(args);

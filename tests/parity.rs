@@ -117,6 +117,23 @@ fn a_misspelled_case_key_is_an_error_not_a_skipped_check() {
 }
 
 #[test]
+fn a_non_finite_reference_is_an_error_not_a_match() {
+    // f64::max skips NaN: a NaN in expected.safetensors once compared as error 0 and passed.
+    let dir = edited_case("op_max_pool2d_k2", "nan", |_| {});
+    let path = dir.join("expected.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let y = tensors.get("y").expect("the case compares `y`").clone();
+    let nan = (y.ones_like().unwrap() * f64::NAN).unwrap();
+    tensors.insert("y".to_string(), nan);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let err = format!("{:#}", diffexplainer::parity::run_case(&dir).unwrap_err());
+    assert!(
+        err.contains("reference value") && err.contains("NaN"),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_option_the_kind_does_not_read_is_an_error() {
     let dir = edited_case("op_max_pool2d_k2", "option", |spec| {
         spec["options"]["dilation"] = serde_json::json!(2);

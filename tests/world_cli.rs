@@ -100,6 +100,24 @@ fn render_writes_a_grid_masks_and_records() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(!bad.exists());
+    // --start + --n past usize::MAX, and a grid too large to hold: errors, nothing written.
+    for (args, says) in [
+        (
+            &["--start", "18446744073709551615", "--n", "2"][..],
+            "--start",
+        ),
+        (
+            &["--n", "3", "--size", "1024", "--zoom", "64"][..],
+            "grid would be",
+        ),
+    ] {
+        let mut all = vec!["world", "render", "--out", bad.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let o = run(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
+        assert!(!bad.exists(), "{args:?} wrote {}", bad.display());
+    }
     let spec = bad.with_extension("toml");
     std::fs::write(
         &spec,
@@ -226,5 +244,33 @@ fn train_classifier_then_truth_on_a_tiny_world() {
         model_s,
     ]);
     assert!(!o.status.success());
+    // Same classes, another world (a rotation range the classifier never saw): refused, naming
+    // both spec fingerprints, instead of a truth that describes neither.
+    let rotated = dir.join("rotated.toml");
+    std::fs::write(
+        &rotated,
+        std::fs::read_to_string(&spec).unwrap().replace(
+            "max_rotation_degrees = 45.0",
+            "max_rotation_degrees = 180.0",
+        ),
+    )
+    .unwrap();
+    let out = dir.join("rotated-truth");
+    let o = run(&[
+        "world",
+        "truth",
+        "--spec",
+        rotated.to_str().unwrap(),
+        "--classifier",
+        model_s,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("spec fingerprint"),
+        "{err}"
+    );
+    assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -528,8 +528,8 @@ fn objective_of(args: &ExplainArgs) -> anyhow::Result<(Objective, Option<usize>)
     Ok(match (args.class, args.neuron, &args.features) {
         (None, None, None) if args.model.is_tiny() => {
             eprintln!(
-                "no objective given: maximizing class {TINY_DEFAULT_CLASS}'s logit of the tiny \
-                 random classifier (choose with --class, --neuron or --features)"
+                "no objective given: maximizing class {TINY_DEFAULT_CLASS}'s logit (the default \
+                 with the embedded models; choose with --class, --neuron or --features)"
             );
             (
                 Objective::logit(TINY_DEFAULT_CLASS),
@@ -558,6 +558,19 @@ fn check_run_args(args: &ExplainArgs) -> anyhow::Result<()> {
     ];
     if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
         anyhow::bail!("{name} must be at least 1")
+    }
+    // Class-only options (clap's `requires` is not enforced through the boxed subcommand, so
+    // checked here): with --neuron/--features they would be silently ignored.
+    if args.class.is_none() && (args.neuron.is_some() || args.features.is_some()) {
+        if args.early_stop.is_some() {
+            anyhow::bail!(
+                "--early-stop counts iterations in which every image is classified as --class; \
+                 it has no meaning with --neuron/--features"
+            )
+        }
+        if args.log_probability {
+            anyhow::bail!("--log-probability applies to --class, not to --neuron/--features")
+        }
     }
     if !(args.lr.is_finite() && args.lr > 0.0) {
         anyhow::bail!("--lr must be a positive number, got {}", args.lr)
@@ -731,6 +744,24 @@ fn tokens(path: &Path, model: &DiffusionArgs, top: usize, json: bool) -> anyhow:
             record.config.model,
         )
     } else {
+        if !path.is_file() {
+            anyhow::bail!("soft prompt {} not found", path.display())
+        }
+        // A prompt file stores its vectors and template, not the text encoder they live in;
+        // nearest tokens in another model's vocabulary space would be a silent wrong answer.
+        let names_a_model = model.preset.is_some()
+            || model.model_dir.is_some()
+            || model.hub.is_some()
+            || model.tiny
+            || model.tiny_seed.is_some();
+        if !names_a_model {
+            anyhow::bail!(
+                "{}: a soft prompt file does not record the model it was optimized for: name it \
+                 with --model-dir, --hub or --preset (or --tiny for the embedded models), or pass \
+                 the run record folder, which names its own",
+                path.display()
+            )
+        }
         // Only the tokenizer and text encoder are loaded: no classifier is needed.
         (path.to_path_buf(), model.spec(ClassifierSpec::tiny())?)
     };

@@ -368,6 +368,13 @@ pub fn compare(name: &str, ours: &Tensor, want: &Tensor, bar: f64) -> anyhow::Re
     if let Some(i) = ours.iter().position(|v| !v.is_finite()) {
         anyhow::bail!("`{name}`: our value at flat index {i} is {}", ours[i])
     }
+    // f64::max ignores NaN, so a NaN reference would compare as a perfect match.
+    if let Some(i) = want_v.iter().position(|v| !v.is_finite()) {
+        anyhow::bail!(
+            "`{name}`: the reference value at flat index {i} is {} (a broken case)",
+            want_v[i]
+        )
+    }
     let max_abs = ours
         .iter()
         .zip(&want_v)

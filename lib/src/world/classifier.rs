@@ -465,6 +465,31 @@ pub fn load_for(spec: &WorldSpec, dir: &Path) -> anyhow::Result<(Classifier, Pre
             spec.classes
         )
     }
+    // A classifier trained here records the spec it saw; measuring it on another world would
+    // give numbers that describe neither.
+    if let Some(trained_on) = folder
+        .metadata
+        .get("spec_fingerprint")
+        .and_then(|v| v.as_str())
+    {
+        let given = spec.fingerprint();
+        if trained_on != given {
+            anyhow::bail!(
+                "{}: the classifier was trained on the world with spec fingerprint {trained_on}, \
+                 not on the given spec ({given}); pass the spec it was trained on, or retrain it \
+                 with `diffexplainer world train-classifier --spec FILE`",
+                dir.display()
+            )
+        }
+    }
+    if folder.input_size != spec.image_size {
+        anyhow::bail!(
+            "{}: the classifier takes {c}×{c} images, the spec's images are {w}×{w}",
+            dir.display(),
+            c = folder.input_size,
+            w = spec.image_size
+        )
+    }
     let pre = classifier.preprocess(folder.input_size);
     Ok((classifier, pre))
 }

@@ -111,13 +111,16 @@ pub fn run(args: &WorldArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Largest side of `grid.png` / `masks.png` (16384² RGB is 768 MiB in memory).
+const MAX_GRID_SIDE: usize = 16384;
+
 fn run_render(a: &RenderArgs) -> anyhow::Result<()> {
     let spec = a.spec.load()?;
     let len = a.split.len(&spec);
     if a.n == 0 {
         anyhow::bail!("--n 0: nothing to render")
     }
-    if a.start + a.n > len {
+    if a.start.checked_add(a.n).is_none_or(|end| end > len) {
         anyhow::bail!(
             "--start {} --n {}: the {} split has {len} images (indices 0..{len})",
             a.start,
@@ -131,6 +134,17 @@ fn run_render(a: &RenderArgs) -> anyhow::Result<()> {
     let size = a.size.unwrap_or(spec.image_size);
     if !(8..=1024).contains(&size) {
         anyhow::bail!("--size {size}: must be between 8 and 1024 pixels")
+    }
+    // The grid is a square of `cols` tiles of size × zoom pixels, held in memory as RGB.
+    let cols = (a.n as f64).sqrt().ceil() as usize;
+    let side = cols * size * a.zoom;
+    if side > MAX_GRID_SIDE {
+        anyhow::bail!(
+            "--n {} --size {size} --zoom {}: the grid would be {side}×{side} pixels; \
+             at most {MAX_GRID_SIDE} per side (fewer images, a smaller --size or --zoom)",
+            a.n,
+            a.zoom
+        )
     }
     let samples: Vec<_> = (a.start..a.start + a.n)
         .map(|i| {
@@ -154,7 +168,6 @@ fn run_render(a: &RenderArgs) -> anyhow::Result<()> {
         save_png(&a.out.join("masks").join(&name), &mask_image(r, 1))?;
         records.push(serde_json::to_string(s)?);
     }
-    let cols = (a.n as f64).sqrt().ceil() as usize;
     save_png(
         &a.out.join("grid.png"),
         &grid(&rendered, cols, a.zoom, false),
