@@ -373,6 +373,16 @@ fn options_without_effect_are_refused_before_anything_is_written() {
             &["--neuron", "2", "--log-probability"][..],
             "--log-probability applies to --class",
         ),
+        (&["--dtype", "bf16"][..], "--dtype bf16 needs a GPU"),
+        // A file given as a folder (or a folder as a file) is named as such, not "not found".
+        (
+            &["--model-dir", "Cargo.toml"][..],
+            "is a file, not a folder",
+        ),
+        (
+            &["--model-dir", ".", "--lora", "."][..],
+            "is a folder, not a file",
+        ),
     ] {
         let mut all = vec!["explain"];
         all.extend_from_slice(args);

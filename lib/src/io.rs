@@ -40,3 +40,14 @@ fn temp_sibling(path: &Path) -> PathBuf {
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
+
+/// Why `path` cannot be used where a file (`want_dir` false) or folder is expected: "not found",
+/// or what it is instead, so a file given for a folder is not reported as missing.
+pub fn why_unusable(path: &Path, want_dir: bool) -> &'static str {
+    match (std::fs::metadata(path), want_dir) {
+        (Err(_), _) => "not found",
+        (Ok(m), false) if m.is_dir() => "is a folder, not a file",
+        (Ok(_), true) => "is a file, not a folder",
+        (Ok(_), false) => "is not a regular file",
+    }
+}

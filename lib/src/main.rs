@@ -411,19 +411,31 @@ impl DiffusionArgs {
                  --preset, --model-dir or --hub"
             )
         }
+        // candle's CPU backend has no bf16 matmul: say so before anything loads.
+        if self.dtype.as_deref() == Some("bf16") && self.device == "cpu" {
+            anyhow::bail!(
+                "--dtype bf16 needs a GPU (--device cuda): candle's CPU backend has no bf16 \
+                 matmul; use f32 or f16 on the CPU"
+            )
+        }
         // The model folder is checked (and named) first.
         if let Some(dir) = &self.model_dir {
             if !dir.is_dir() {
                 anyhow::bail!(
-                    "model folder {} not found (a diffusers folder: model_index.json, tokenizer/, \
+                    "model folder {} {} (a diffusers folder: model_index.json, tokenizer/, \
                      text_encoder/, unet/, vae/, scheduler/)",
-                    dir.display()
+                    dir.display(),
+                    diffexplainer::io::why_unusable(dir, true)
                 )
             }
         }
         if let Some(path) = &self.lora {
             if !path.is_file() {
-                anyhow::bail!("LoRA file {} not found", path.display())
+                anyhow::bail!(
+                    "LoRA file {} {}",
+                    path.display(),
+                    diffexplainer::io::why_unusable(path, false)
+                )
             }
         }
         let dtype = self.dtype.clone().unwrap_or_else(|| "f32".to_string());
@@ -745,7 +757,11 @@ fn tokens(path: &Path, model: &DiffusionArgs, top: usize, json: bool) -> anyhow:
         )
     } else {
         if !path.is_file() {
-            anyhow::bail!("soft prompt {} not found", path.display())
+            anyhow::bail!(
+                "soft prompt {} {}",
+                path.display(),
+                diffexplainer::io::why_unusable(path, false)
+            )
         }
         // A prompt file stores its vectors and template, not the text encoder they live in;
         // nearest tokens in another model's vocabulary space would be a silent wrong answer.

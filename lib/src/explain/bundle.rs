@@ -143,8 +143,9 @@ impl ClassifierSpec {
         };
         if !checkpoint.is_file() {
             anyhow::bail!(
-                "classifier `{name}`: checkpoint {} not found",
-                checkpoint.display()
+                "classifier `{name}`: checkpoint {} {}",
+                checkpoint.display(),
+                crate::io::why_unusable(&checkpoint, false)
             )
         }
         Ok(Self {
@@ -601,7 +602,11 @@ fn load_diffusers_dir(
 
 fn need_file(dir: &Path, rel: &str) -> anyhow::Result<PathBuf> {
     if !dir.is_dir() {
-        anyhow::bail!("model folder {} not found", dir.display())
+        anyhow::bail!(
+            "model folder {} {}",
+            dir.display(),
+            crate::io::why_unusable(dir, true)
+        )
     }
     let path = dir.join(rel);
     if path.exists() {
@@ -757,7 +762,11 @@ fn resolve_lora(lora: Option<&LoraSpec>) -> anyhow::Result<Option<(PathBuf, f64)
     let path = match &lora.source {
         FileSource::Path { path } => {
             if !path.is_file() {
-                anyhow::bail!("LoRA file {} not found", path.display())
+                anyhow::bail!(
+                    "LoRA file {} {}",
+                    path.display(),
+                    crate::io::why_unusable(path, false)
+                )
             }
             path.clone()
         }
