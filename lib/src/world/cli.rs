@@ -95,9 +95,10 @@ pub struct TruthArgs {
     /// Balanced images per class.
     #[arg(long, default_value_t = TruthConfig::default().images_per_class)]
     pub images_per_class: usize,
-    /// Predictive features per class.
-    #[arg(long, default_value_t = TruthConfig::default().top_k)]
-    pub top_k: usize,
+    /// Predictive features per class (default: 5, or all of them when the classifier has
+    /// fewer).
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Skip the accuracy measurement on the full validation and balanced splits.
     #[arg(long)]
     pub no_accuracy: bool,
@@ -266,14 +267,15 @@ fn run_truth(a: &TruthArgs) -> anyhow::Result<()> {
     let (classifier, pre) = classifier::load_for(&spec, &a.classifier)?;
     let config = TruthConfig {
         images_per_class: a.images_per_class,
-        top_k: a.top_k,
+        top_k: a.top_k.unwrap_or(TruthConfig::default().top_k),
         accuracy: !a.no_accuracy,
         ..TruthConfig::default()
     };
     let max_per_class = spec.splits.balanced / spec.classes.len();
     if config.images_per_class == 0 || config.images_per_class > max_per_class {
         anyhow::bail!(
-            "--images-per-class {}: the balanced split has {max_per_class} images per class",
+            "--images-per-class {}: must be between 1 and the balanced split's {max_per_class} \
+             images per class",
             config.images_per_class
         )
     }
@@ -284,9 +286,13 @@ fn run_truth(a: &TruthArgs) -> anyhow::Result<()> {
             a.classifier.display()
         ),
     };
+    let config = TruthConfig {
+        top_k: a.top_k.unwrap_or(config.top_k.min(feature_dim)),
+        ..config
+    };
     if config.top_k == 0 || config.top_k > feature_dim {
         anyhow::bail!(
-            "--top-k {}: the classifier has {feature_dim} penultimate features",
+            "--top-k {}: must be between 1 and the classifier's {feature_dim} penultimate features",
             config.top_k
         )
     }

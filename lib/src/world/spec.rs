@@ -400,39 +400,55 @@ impl WorldSpec {
         }
         self.distributions_checked(origin).map(|_| ())?;
         let c = &self.classifier;
-        for (field, value, ok) in [
-            ("epochs", c.epochs.to_string(), c.epochs > 0),
-            ("batch_size", c.batch_size.to_string(), c.batch_size > 0),
-            ("lr", c.lr.to_string(), c.lr > 0.0 && c.lr.is_finite()),
+        const POSITIVE: &str = "must be positive";
+        for (field, value, ok, rule) in [
+            ("epochs", c.epochs.to_string(), c.epochs > 0, POSITIVE),
+            (
+                "batch_size",
+                c.batch_size.to_string(),
+                c.batch_size > 0,
+                POSITIVE,
+            ),
+            (
+                "lr",
+                c.lr.to_string(),
+                c.lr > 0.0 && c.lr.is_finite(),
+                "must be a positive number",
+            ),
             (
                 "weight_decay",
                 c.weight_decay.to_string(),
-                c.weight_decay >= 0.0,
+                c.weight_decay >= 0.0 && c.weight_decay.is_finite(),
+                "must be a number ≥ 0",
             ),
-            ("stem_width", c.stem_width.to_string(), c.stem_width > 0),
+            (
+                "stem_width",
+                c.stem_width.to_string(),
+                c.stem_width > 0,
+                POSITIVE,
+            ),
             (
                 "widths",
                 format!("{:?}", c.widths),
                 c.widths.iter().all(|w| *w > 0),
+                "must all be positive",
             ),
             (
                 "layers",
                 format!("{:?}", c.layers),
                 c.layers.iter().all(|l| *l > 0),
+                "must all be positive",
             ),
             (
                 "strides",
                 format!("{:?}", c.strides),
                 c.strides.iter().all(|s| (1..=2).contains(s))
                     && self.image_size % c.strides.iter().product::<usize>() == 0,
+                "must each be 1 or 2, with their product dividing image_size",
             ),
         ] {
             if !ok {
-                return Err(err(
-                    format!("classifier.{field}"),
-                    value,
-                    "must be positive (strides 1 or 2, their product dividing image_size)".into(),
-                ));
+                return Err(err(format!("classifier.{field}"), value, rule.into()));
             }
         }
         for (i, t) in self.captions.templates.iter().enumerate() {

@@ -355,7 +355,7 @@ pub fn accuracy_markdown(accuracy: &[SplitAccuracy]) -> String {
     md.push_str("| split | overall | bias-aligned | bias-conflicting | neutral | worst group | aligned − conflicting |\n|---|---|---|---|---|---|---|\n");
     for a in accuracy {
         md.push_str(&format!(
-            "| {} | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} | {:+.1} pt |\n",
+            "| {} | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} | {} |\n",
             a.split.name(),
             pct(a.overall.value()),
             a.overall.total,
@@ -366,7 +366,11 @@ pub fn accuracy_markdown(accuracy: &[SplitAccuracy]) -> String {
             pct(a.neutral.value()),
             a.neutral.total,
             pct(a.worst_group()),
-            100.0 * (a.aligned.value() - a.conflicting.value()),
+            // A world with no planted correlation has no aligned/conflicting groups.
+            match a.aligned.value() - a.conflicting.value() {
+                gap if gap.is_nan() => "–".to_string(),
+                gap => format!("{:+.1} pt", 100.0 * gap),
+            },
         ));
     }
     md.push_str("\nPer planted correlation (accuracy, images):\n\n| split | correlation | class with value | class without value | other classes with value |\n|---|---|---|---|---|\n");
