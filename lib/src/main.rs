@@ -411,13 +411,6 @@ impl DiffusionArgs {
                  --preset, --model-dir or --hub"
             )
         }
-        // candle's CPU backend has no bf16 matmul: say so before anything loads.
-        if self.dtype.as_deref() == Some("bf16") && self.device == "cpu" {
-            anyhow::bail!(
-                "--dtype bf16 needs a GPU (--device cuda): candle's CPU backend has no bf16 \
-                 matmul; use f32 or f16 on the CPU"
-            )
-        }
         // The model folder is checked (and named) first.
         if let Some(dir) = &self.model_dir {
             if !dir.is_dir() {
@@ -571,8 +564,8 @@ fn check_run_args(args: &ExplainArgs) -> anyhow::Result<()> {
     if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
         anyhow::bail!("{name} must be at least 1")
     }
-    // Class-only options (clap's `requires` is not enforced through the boxed subcommand, so
-    // checked here): with --neuron/--features they would be silently ignored.
+    // Class-only options: clap's `requires = "class"` refuses them alone, but not next to
+    // --neuron/--features (which conflict with --class), where they would be silently ignored.
     if args.class.is_none() && (args.neuron.is_some() || args.features.is_some()) {
         if args.early_stop.is_some() {
             anyhow::bail!(

@@ -300,6 +300,7 @@ impl ModelSpec {
         device: &Device,
     ) -> anyhow::Result<(ClipTokenizer, ClipTextModel)> {
         let dtype = self.dtype()?;
+        check_dtype_on_device(dtype, device)?;
         match &self.diffusion {
             DiffusionSource::Tiny { seed } => Ok((
                 ClipTokenizer::embedded()?,
@@ -327,6 +328,18 @@ pub fn parse_dtype(name: &str) -> anyhow::Result<DType> {
         "f64" => DType::F64,
         other => anyhow::bail!("unknown dtype `{other}` (use f32, f16, bf16 or f64)"),
     })
+}
+
+/// Refuses a dtype the device cannot compute in, before anything loads: candle's CPU backend
+/// has no bf16 matmul (it would fail inside the first layer with a bare "unsupported dtype").
+pub fn check_dtype_on_device(dtype: DType, device: &Device) -> anyhow::Result<()> {
+    if dtype == DType::BF16 && device.is_cpu() {
+        anyhow::bail!(
+            "--dtype bf16 needs a GPU (--device cuda): candle's CPU backend has no bf16 \
+             matmul; use f32 or f16 on the CPU"
+        )
+    }
+    Ok(())
 }
 
 /// The name [`parse_dtype`] reads.
@@ -377,6 +390,7 @@ impl ModelBundle {
     /// Loads everything a spec names onto `device`.
     pub fn load(spec: &ModelSpec, device: &Device) -> anyhow::Result<Self> {
         let dtype = spec.dtype()?;
+        check_dtype_on_device(dtype, device)?;
         let classifier_dtype = if dtype == DType::F64 {
             DType::F64
         } else {
