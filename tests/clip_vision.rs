@@ -4,6 +4,8 @@
 //! `clip_vision_*` parity cases' (transformers-initialized then randomized, 3 layers, width 32,
 //! 16 px images of 4 px patches).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -88,28 +90,14 @@ fn hidden_states_match_the_full_forward_and_stop_early() {
     };
     let full = model.vision_model.forward_with(&pixels, &options).unwrap();
     // The last hidden state is the last layer's output.
-    let diff = (&full.hidden_states[&3] - &full.last_hidden_state)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&full.hidden_states[&3], &full.last_hidden_state);
     assert_eq!(diff, 0.0);
     let taps = model
         .vision_model
         .hidden_states(&pixels, &[2, 1], false)
         .unwrap();
     for (tap, i) in taps.iter().zip([2, 1]) {
-        let d = (tap - &full.hidden_states[&i])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(tap, &full.hidden_states[&i]);
         assert_eq!(d, 0.0, "hidden state {i}");
         assert_eq!(tap.dims(), &[2, 17, 32]);
     }

@@ -2,6 +2,8 @@
 //! `clipseg_refined` parity case), the real model's config, `Segmenter` end to end on a tiny
 //! random model over CLIP's real vocabulary, and input errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -149,25 +151,14 @@ fn segmenter_gives_masks_at_the_image_size_independent_of_padding() {
     let alone = seg
         .segment(&images.narrow(0, 1, 1).unwrap(), &queries[1..])
         .unwrap();
-    let diff = (alone.logits - out.logits.narrow(0, 1, 1).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&alone.logits, &out.logits.narrow(0, 1, 1).unwrap());
     assert!(diff < 1e-5, "padding changed the logits by {diff}");
     // Different queries give different masks.
     let other = seg.segment(&images, &["a circle", "a circle"]).unwrap();
-    let diff = (other.logits.narrow(0, 0, 1).unwrap() - out.logits.narrow(0, 0, 1).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(
+        &other.logits.narrow(0, 0, 1).unwrap(),
+        &out.logits.narrow(0, 0, 1).unwrap(),
+    );
     assert!(diff > 1e-4, "the query does not condition the mask");
 }
 

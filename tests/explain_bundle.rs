@@ -2,6 +2,8 @@
 //! same images as the in-code tiny models; a Hub id resolves in a local Hugging Face cache and
 //! the record keeps the commit; a LoRA is fused into the UNet at load time.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -217,14 +219,7 @@ fn lora_text_encoder_half_is_fused_and_sdxl_refused() {
     let ids = Tensor::new(&[[49406u32, 320, 49407]], &Device::Cpu).unwrap();
     let a = plain.forward(&ids).unwrap().last_hidden_state;
     let b = fused.forward(&ids).unwrap().last_hidden_state;
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&a, &b);
     assert!(diff > 1e-3, "{diff}");
 
     let sdxl: HashMap<String, Tensor> = lora

@@ -1,7 +1,7 @@
 //! Small random models shared by the integration tests.
 #![allow(dead_code)]
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use diffexplainer::models::clip_text::{ClipTextConfig, ClipTextModel};
 use diffexplainer::testing::pseudo_random_tensor;
@@ -77,4 +77,18 @@ pub fn assert_committed_ptx_is_up_to_date(name: &str) {
     assert!(status.success(), "ptxas -arch=sm_90 rejected the PTX");
     let _ = std::fs::remove_file(out);
     let _ = std::fs::remove_file(cubin);
+}
+
+/// Largest absolute elementwise difference of two tensors of one shape (f32 comparison).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
