@@ -260,3 +260,44 @@ fn presets_have_torchvision_shapes() {
     )
     .is_err());
 }
+
+/// A classifier folder whose config.json has values no classifier can run with is refused,
+/// naming the file and the field, before any weights are read.
+#[test]
+fn classifier_folder_config_values_are_checked() {
+    let src = root().join("lib/assets/world/classifier");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        ("input_size", serde_json::json!(0), "input_size = 0"),
+        ("std", serde_json::json!([0.229, 0.0, 0.225]), "std[1] = 0"),
+        (
+            "std",
+            serde_json::json!([-1.0, 0.224, 0.225]),
+            "std[0] = -1",
+        ),
+        (
+            "mean",
+            serde_json::json!([0.485, 0.456, 1e39]),
+            "mean[2] = inf",
+        ),
+    ];
+    for (i, (field, value, expected)) in cases.into_iter().enumerate() {
+        let dir = std::env::temp_dir().join(format!(
+            "classifier_folder_check_{}_{i}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = config.clone();
+        c[field] = value;
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        // No weights file: the config must be refused first.
+        let err = Classifier::from_dir(&dir, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(expected), "{field}: {err}");
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

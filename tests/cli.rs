@@ -337,6 +337,20 @@ fn options_without_effect_are_refused_before_anything_is_written() {
         &["--lora-scale", "no effect"],
     );
     refused(
+        &[
+            "explain",
+            "--model-dir",
+            "/nonexistent",
+            "--lora",
+            "x.safetensors",
+            "--lora-scale",
+            "NaN",
+            "--out",
+            o,
+        ],
+        &["--lora-scale NaN", "finite"],
+    );
+    refused(
         &["explain", "--classifier-checkpoint", "x.pth", "--out", o],
         &["--classifier"],
     );

@@ -531,3 +531,30 @@ fn sdxl_second_text_encoder_modules_are_counted_as_other() {
         vec!["lora_te2_text_model_encoder_layers_0_self_attn_q_proj".to_string()]
     );
 }
+
+#[test]
+fn a_non_finite_alpha_or_scale_is_an_error_naming_it() {
+    let mut t = kohya_lora();
+    t.insert(
+        "lora_unet_conv_in.alpha".to_string(),
+        Tensor::new(f32::NAN, &Device::Cpu).unwrap(),
+    );
+    let err = format!(
+        "{:#}",
+        Lora::from_tensors("nan-alpha.safetensors", t)
+            .fuse_into(base(), LoraTarget::UNET, 1.0)
+            .err()
+            .unwrap()
+    );
+    assert!(err.contains("alpha is NaN"), "{err}");
+    assert!(err.contains("conv_in"), "{err}");
+
+    for scale in [f64::NAN, f64::INFINITY] {
+        let err = Lora::from_tensors("ok.safetensors", kohya_lora())
+            .fuse_into(base(), LoraTarget::UNET, scale)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("scale must be a finite number"), "{err}");
+    }
+}

@@ -181,3 +181,27 @@ fn bad_targets_are_named_with_the_valid_range() {
         .to_string();
     assert!(e.contains("empty"), "{e}");
 }
+
+#[test]
+fn repeated_or_out_of_range_feature_indices_are_refused() {
+    let (logits, features, map) = sample();
+    let out = output(&logits, &features, &map);
+    let err = Objective::features([1, 3, 1])
+        .validate(&out)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("feature index 1 is given twice") && err.contains("positions 1 and 3"),
+        "{err}"
+    );
+    let width = features.dim(1).unwrap();
+    let err = Objective::features([0, width])
+        .validate(&out)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("feature index {width} is out of range")),
+        "{err}"
+    );
+    Objective::features([0, 1]).validate(&out).unwrap();
+}

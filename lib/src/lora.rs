@@ -335,6 +335,9 @@ impl Lora {
         target: LoraTarget,
         scale: f64,
     ) -> Result<(HashMap<String, Tensor>, LoraReport)> {
+        if !scale.is_finite() {
+            bail!("LoRA scale {scale}: the scale must be a finite number")
+        }
         let modules = self.modules()?;
         if modules.is_empty() {
             bail!("{}: no LoRA weights found", self.origin.display())
@@ -532,6 +535,9 @@ fn fuse_one(
         .or_else(|| adapter.and_then(|a| AdapterConfig::lookup(&a.alpha_pattern, module)))
         .or_else(|| adapter.and_then(|a| a.lora_alpha))
         .unwrap_or(rank as f64);
+    if !alpha.is_finite() {
+        bail!("its alpha is {alpha} (an alpha must be a finite number)")
+    }
     let denominator = if adapter.is_some_and(|a| a.use_rslora) {
         (rank as f64).sqrt()
     } else {

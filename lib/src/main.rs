@@ -375,6 +375,12 @@ impl DiffusionArgs {
     /// The diffusion part of a spec (sampling defaults of the preset or folder), with
     /// `classifier`. Options that would have no effect are refused here, before anything loads.
     fn spec(&self, classifier: ClassifierSpec) -> anyhow::Result<ModelSpec> {
+        if let Some(scale) = self.lora_scale {
+            anyhow::ensure!(
+                scale.is_finite(),
+                "--lora-scale {scale}: the scale must be a finite number"
+            );
+        }
         if let Some(preset) = &self.preset {
             if !DIFFUSION_PRESETS.contains(&preset.as_str()) {
                 anyhow::bail!(

@@ -123,6 +123,19 @@ impl Term {
                         width - 1
                     )
                 }
+                // A repeated index would silently weigh that feature twice in the mean.
+                if let Some((k, &dup)) = indices
+                    .iter()
+                    .enumerate()
+                    .find(|(k, i)| indices[..*k].contains(i))
+                {
+                    candle_core::bail!(
+                        "feature index {dup} is given twice (at positions {} and {}): each \
+                         feature counts once in the mean",
+                        indices.iter().position(|&i| i == dup).unwrap() + 1,
+                        k + 1
+                    )
+                }
                 let mut sum = output.features.narrow(1, indices[0], 1)?;
                 for &i in &indices[1..] {
                     sum = (sum + output.features.narrow(1, i, 1)?)?;

@@ -59,9 +59,32 @@ impl ClassifierFolderConfig {
         let text = std::fs::read_to_string(&path).map_err(|e| {
             candle_core::Error::Msg(format!("{}: cannot read: {e}", path.display()))
         })?;
-        serde_json::from_str(&text).map_err(|e| {
+        let config: Self = serde_json::from_str(&text).map_err(|e| {
             candle_core::Error::Msg(format!("{}: not a classifier config: {e}", path.display()))
-        })
+        })?;
+        config
+            .validate()
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        Ok(config)
+    }
+
+    /// Values a classifier cannot run with: an input size of 0, a non-finite mean, a standard
+    /// deviation that is not a positive finite number (normalization divides by it).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.input_size == 0 {
+            return Err("input_size = 0: the input size must be at least 1 pixel".into());
+        }
+        for (i, (&m, &s)) in self.mean.iter().zip(&self.std).enumerate() {
+            if !m.is_finite() {
+                return Err(format!("mean[{i}] = {m}: must be a finite number"));
+            }
+            if !(s.is_finite() && s > 0.0) {
+                return Err(format!(
+                    "std[{i}] = {s}: must be a positive finite number (images are divided by it)"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
