@@ -63,6 +63,21 @@ fn render_writes_a_grid_masks_and_records() {
         .unwrap()
         .to_luma8();
     assert!(m.pixels().any(|p| p.0[0] == 255) && m.pixels().any(|p| p.0[0] == 0));
+    // Rendering again into the same folder is refused and leaves the first rendering alone.
+    let before = std::fs::read(out.join("records.jsonl")).unwrap();
+    let o = run(&[
+        "world",
+        "render",
+        "--n",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("already holds a rendering"), "{err}");
+    assert_eq!(std::fs::read(out.join("records.jsonl")).unwrap(), before);
+    assert_eq!(std::fs::read_dir(out.join("images")).unwrap().count(), 9);
     // Any size on request.
     let big = temp_dir("render-big");
     ok(&run(&[

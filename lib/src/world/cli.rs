@@ -147,6 +147,18 @@ fn run_render(a: &RenderArgs) -> anyhow::Result<()> {
             a.zoom
         )
     }
+    // Writing into an earlier rendering would leave its other images beside these and make
+    // records.jsonl disagree with images/.
+    for name in ["records.jsonl", "images", "masks", "grid.png", "masks.png"] {
+        let p = a.out.join(name);
+        if p.exists() {
+            anyhow::bail!(
+                "{} already holds a rendering ({} exists): choose a new --out folder or remove it",
+                a.out.display(),
+                p.display()
+            )
+        }
+    }
     let samples: Vec<_> = (a.start..a.start + a.n)
         .map(|i| {
             let mut s = sample(&spec, a.split, i);
