@@ -173,7 +173,8 @@ fn ctrl_c_cancels_at_the_next_iteration_and_still_writes_the_record() {
         .unwrap();
     assert!(status.success());
     let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    // The record is finished, and the exit status says the run was interrupted (128 + SIGINT).
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     assert!(stdout(&o).contains("Cancelled after"), "{}", stdout(&o));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();

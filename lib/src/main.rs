@@ -735,6 +735,11 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         }
         println!("record: {}", out.display());
     }
+    if cancel.is_cancelled() {
+        // The record is complete, but the run was interrupted: exit as an interrupted process
+        // does (128 + SIGINT), so `explain ... && next` in a script stops here.
+        std::process::exit(130);
+    }
     Ok(())
 }
 
