@@ -260,3 +260,32 @@ fn values(t: &Tensor) -> Vec<f64> {
         .to_vec1()
         .unwrap()
 }
+
+/// An interrupted download: the file ends inside its tensor data, or inside its header. Both are
+/// named as a file cut short, with the byte counts, wherever the cut falls.
+#[test]
+fn a_truncated_safetensors_file_is_named_as_cut_short() {
+    let t = Tensor::arange(0f32, 64., &Device::Cpu)
+        .unwrap()
+        .reshape((8, 8))
+        .unwrap();
+    let whole = std::fs::read(temp_safetensors("whole.safetensors", &[("w", t)])).unwrap();
+    let header = u64::from_le_bytes(whole[..8].try_into().unwrap()) as usize + 8;
+    let dir = std::env::temp_dir().join(format!("diffexplainer-weights-{}", std::process::id()));
+    for (name, keep, expected) in [
+        (
+            "in-data.safetensors",
+            header + 100,
+            "describes 256 bytes of tensor data but the file holds 100",
+        ),
+        ("in-header.safetensors", header - 5, "header alone needs"),
+    ] {
+        let cut = dir.join(name);
+        std::fs::write(&cut, &whole[..keep]).unwrap();
+        let err = Checkpoint::open(&cut).err().unwrap().to_string();
+        assert!(
+            err.contains(name) && err.contains("cut short") && err.contains(expected),
+            "{err}"
+        );
+    }
+}

@@ -56,6 +56,15 @@ impl Format {
             if header.saturating_add(8) <= len {
                 return Ok(Self::Safetensors);
             }
+            // A plausible header length that runs past the end: a safetensors file cut short.
+            if header < 100 << 20 {
+                candle_core::bail!(
+                    "{}: a safetensors file cut short (an interrupted download or copy?): its \
+                     header alone needs {} bytes but the file has {len}",
+                    path.display(),
+                    header + 8
+                )
+            }
         }
         let found = if head.is_empty() {
             "the file is empty".to_string()
@@ -90,6 +99,38 @@ impl Format {
             path.display()
         )
     }
+}
+
+/// `Some(message)` when `path` is a safetensors file whose header describes more tensor bytes
+/// than the file holds (the usual result of an interrupted download): the safetensors crate only
+/// says "incomplete metadata, file not fully covered".
+fn safetensors_cut_short(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).ok()?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || n + 8 > len {
+        return None;
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).ok()?;
+    let needed = header
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()?;
+    let have = len - 8 - n;
+    (needed > have).then(|| {
+        format!(
+            "{}: a safetensors file cut short (an interrupted download or copy?): its header \
+             describes {needed} bytes of tensor data but the file holds {have}",
+            path.display()
+        )
+    })
 }
 
 /// Where tensors come from: memory-mapped safetensors files, or tensors already in memory.
@@ -165,6 +206,9 @@ impl Checkpoint {
         }
         // SAFETY: the mapped files are treated as read-only for the checkpoint's lifetime.
         let mmap = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+            if let Some(why) = files.iter().find_map(|f| safetensors_cut_short(f)) {
+                return candle_core::Error::Msg(why);
+            }
             candle_core::Error::Msg(format!(
                 "{}: not a readable safetensors file: {e}",
                 display(&files)
