@@ -179,11 +179,23 @@ pub trait ObjectSegmenter {
 
 impl ObjectSegmenter for Segmenter {
     fn check_query(&self, class_name: &str, query: &str) -> anyhow::Result<()> {
-        // Start and end tokens only: the tokenizer dropped every character of the name.
-        if self.tokenize(&[class_name])?.dim(1)? <= 2 {
+        let tokenizer = self.tokenizer();
+        let ids = tokenizer.encode(class_name)?;
+        let text = &ids[1..ids.len() - 1];
+        // The tokenizer removes whitespace: nothing may be left of the name.
+        if text.is_empty() {
             bail!(
                 "class name {class_name:?} encodes to no tokens of CLIPSeg's tokenizer: give a \
                  name in words (--class-name)"
+            )
+        }
+        // `<|endoftext|>` inside the name would end the query there (the text tower pools the
+        // first end token), silently segmenting something else.
+        if let Some(&id) = text.iter().find(|&&id| tokenizer.is_special(id)) {
+            bail!(
+                "class name {class_name:?} contains CLIP's special token {:?}, which would cut \
+                 the query short: remove it from the name",
+                tokenizer.decode_token(id).unwrap_or_default()
             )
         }
         self.tokenize(&[query])?;
@@ -193,7 +205,8 @@ impl ObjectSegmenter for Segmenter {
     fn masks(&self, images: &Tensor, query: &str) -> anyhow::Result<Tensor> {
         let n = images.dim(0)?;
         let queries = vec![query; n];
-        Ok(self.segment(images, &queries)?.probabilities.detach())
+        let images = images.to_device(self.model.text_model.token_embedding.device())?;
+        Ok(self.segment(&images, &queries)?.probabilities.detach())
     }
 }
 
