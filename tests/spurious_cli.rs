@@ -156,6 +156,21 @@ fn bad_label_input_fails_before_writing() {
             ],
             vec!["feature 59"],
         ),
+        // Class 2's pair (2, 686) has 4 answers: reported as skipped, naming its lines.
+        (
+            vec![
+                "--classifier",
+                &c,
+                "--class",
+                "2",
+                "--salient-csv",
+                &salient,
+            ],
+            vec![
+                "skipped: class 2, feature 686: 4 answers instead of 5 (lines [23, 24, 25, 26])",
+                "feature 1697",
+            ],
+        ),
         (
             vec![
                 "--classifier",
@@ -313,7 +328,21 @@ fn agreement_reports_the_hand_computed_metrics() {
     assert_eq!(v["uncertain_left_out"], serde_json::json!([[5, 310]]));
     assert_eq!(v["not_in_reference"], serde_json::json!([[5, 77]]));
     assert_eq!(v["reference_pairs_unlabelled"], 2);
-    assert_eq!(v["reference_pairs_skipped"], 2);
+    let skipped = v["reference_pairs_skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 2);
+    let mut pairs: Vec<(u64, u64, usize)> = skipped
+        .iter()
+        .map(|p| {
+            (
+                p["class_index"].as_u64().unwrap(),
+                p["feature_index"].as_u64().unwrap(),
+                p["lines"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    pairs.sort();
+    // (2, 227) has 6 answers, (2, 686) has 4.
+    assert_eq!(pairs, vec![(2, 227, 6), (2, 686, 4)]);
 
     // The text report: the confusion matrix and the four scores, never raw accuracy alone.
     let o = run(&[
@@ -332,6 +361,7 @@ fn agreement_reports_the_hand_computed_metrics() {
         "spurious precision  0.667",
         "spurious F1         0.800",
         "left out as uncertain: 1",
+        "skipped by the reader: class 2, feature 686",
     ] {
         assert!(stdout.contains(w), "{w:?} not in {stdout}");
     }

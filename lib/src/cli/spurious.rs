@@ -189,8 +189,8 @@ fn label(args: &LabelArgs) -> anyhow::Result<()> {
     } else if let Some(s) = &salient {
         for skip in s.skipped.iter().filter(|p| p.class_index == args.class) {
             eprintln!(
-                "skipped: class {}, feature {} (lines {:?}): {}",
-                skip.class_index, skip.feature_index, skip.lines, skip.reason
+                "skipped: class {}, feature {}: {}",
+                skip.class_index, skip.feature_index, skip.reason
             );
         }
         let f = s.class_features(args.class);
@@ -383,7 +383,12 @@ fn agreement_cmd(args: &AgreementArgs) -> anyhow::Result<()> {
                 "uncertain_left_out": uncertain,
                 "not_in_reference": a.not_in_reference,
                 "reference_pairs_unlabelled": a.unlabelled,
-                "reference_pairs_skipped": reference.skipped.len(),
+                "reference_pairs_skipped": reference.skipped.iter().map(|p| serde_json::json!({
+                    "class_index": p.class_index,
+                    "feature_index": p.feature_index,
+                    "lines": p.lines,
+                    "reason": p.reason,
+                })).collect::<Vec<_>>(),
             }))?
         );
         return Ok(());
@@ -425,5 +430,11 @@ fn agreement_cmd(args: &AgreementArgs) -> anyhow::Result<()> {
         );
     }
     println!("reference pairs we did not label: {}", a.unlabelled);
+    for skip in &reference.skipped {
+        println!(
+            "skipped by the reader: class {}, feature {}: {}",
+            skip.class_index, skip.feature_index, skip.reason
+        );
+    }
     Ok(())
 }
