@@ -381,3 +381,110 @@ fn agreement_reports_the_hand_computed_metrics() {
     assert!(stderr.contains("no labels.json"), "{stderr}");
     std::fs::remove_dir_all(&labels).unwrap();
 }
+
+/// A CSV in the published format for the small ResNet: class 1's features 3 (rank 1, core by
+/// 4 of 5), 9 (rank 2, 4 answers: skipped) and 12 (rank 3, spurious by 3 of 5).
+fn small_csv(path: &Path) {
+    let mut text = String::from("WorkerId,Input.wordnet_id,Input.class_index,Input.feature_index,Input.feature_rank,Answer.main,Answer.confidence,Answer.reasons\n");
+    let answers: [(usize, usize, &[&str]); 3] = [
+        (
+            3,
+            1,
+            &[
+                "main_object",
+                "main_object",
+                "background",
+                "main_object",
+                "main_object",
+            ],
+        ),
+        (
+            9,
+            2,
+            &["main_object", "main_object", "main_object", "main_object"],
+        ),
+        (
+            12,
+            3,
+            &[
+                "background",
+                "separate_object",
+                "main_object",
+                "background",
+                "main_object",
+            ],
+        ),
+    ];
+    for (feature, rank, list) in answers {
+        for (w, a) in list.iter().enumerate() {
+            text.push_str(&format!("W{w},n00000001,1,{feature},{rank},{a},4.0,why\n"));
+        }
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn salient_csv_features_keep_their_ranks_and_score_end_to_end() {
+    let dir = temp_dir("csv-e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("mturk.csv");
+    small_csv(&csv);
+    let out = dir.join("labels");
+    let o = run(&[
+        "spurious",
+        "label",
+        "--classifier",
+        &classifier(),
+        "--segmenter",
+        "tiny",
+        "--class",
+        "1",
+        "--salient-csv",
+        csv.to_str().unwrap(),
+        "--images",
+        "2",
+        "--iterations",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("skipped: class 1, feature 9: 4 answers"),
+        "{stderr}"
+    );
+    let table = ClassTable::load(&out).unwrap();
+    let pairs: Vec<(usize, usize)> = table.rows.iter().map(|r| (r.feature, r.rank)).collect();
+    assert_eq!(
+        pairs,
+        vec![(3, 1), (12, 3)],
+        "the CSV's ranks, a gap at the skipped pair"
+    );
+
+    let o = run(&[
+        "spurious",
+        "agreement",
+        "--salient-csv",
+        csv.to_str().unwrap(),
+        "--labels",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // Whatever the random segmenter made of them: decided pairs are compared, the others listed.
+    let decided = table
+        .rows
+        .iter()
+        .filter(|r| r.label != Verdict::Uncertain)
+        .count();
+    assert_eq!(v["pairs_compared"], decided);
+    assert_eq!(
+        v["uncertain_left_out"].as_array().unwrap().len(),
+        2 - decided
+    );
+    assert_eq!(v["reference_pairs_unlabelled"], 2 - decided);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -249,7 +249,18 @@ fn label(args: &LabelArgs) -> anyhow::Result<()> {
         })
         .context("cannot install the Ctrl-C handler")?;
     }
-    let table = label_class(
+    // The CSV's own ranks (a skipped pair leaves a gap); otherwise the position in the list.
+    let rank_of = |feature: usize, position: usize| -> usize {
+        salient
+            .as_ref()
+            .and_then(|s| {
+                s.pairs
+                    .iter()
+                    .find(|p| p.class_index == args.class && p.feature_index == feature)
+            })
+            .map_or(position, |p| p.feature_rank)
+    };
+    let mut table = label_class(
         &pipeline,
         &segmenter,
         &target,
@@ -260,7 +271,7 @@ fn label(args: &LabelArgs) -> anyhow::Result<()> {
             eprintln!(
                 "  feature {} (rank {}): {} score {} margin {} ({}/{} images active)",
                 row.feature,
-                row.rank,
+                rank_of(row.feature, row.rank),
                 row.label,
                 row.score.map_or("-".into(), |v| format!("{v:.3}")),
                 row.margin.map_or("-".into(), |v| format!("{v:.3}")),
@@ -269,6 +280,9 @@ fn label(args: &LabelArgs) -> anyhow::Result<()> {
             )
         },
     )?;
+    for row in &mut table.rows {
+        row.rank = rank_of(row.feature, row.rank);
+    }
     table.save(&args.out)?;
     if args.json {
         println!("{}", table.to_json()?);

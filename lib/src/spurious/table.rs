@@ -36,7 +36,9 @@ pub struct LabelRow {
     pub class_index: usize,
     pub class_name: String,
     pub feature: usize,
-    /// Position of the feature in the class's list (1 = first given / most predictive).
+    /// The feature's rank for the class: its position in the list labelled (1 = first given /
+    /// most predictive), or the annotation's own rank (`Input.feature_rank` of Salient
+    /// ImageNet's CSV) when the features came from there.
     pub rank: usize,
     pub label: Verdict,
     /// Mean object share over the images where the feature fires.
