@@ -363,3 +363,65 @@ fn bad_jobs_are_refused_before_anything_runs() {
         .to_string();
     assert!(err.contains("ResNet") && err.contains("ViT"), "{err}");
 }
+
+#[test]
+fn the_class_weight_adds_the_class_logit_and_a_cancelled_run_is_an_error() {
+    let pipeline = pipeline(2);
+    let segmenter = tiny_random_segmenter(0).unwrap();
+    let star = ClassTarget {
+        index: 3,
+        name: "star".into(),
+    };
+    let one = LabelConfig {
+        optimize: OptimizeConfig {
+            iterations: 1,
+            ..OptimizeConfig::default()
+        },
+        ..LabelConfig::default()
+    };
+    let run = |config: &LabelConfig| {
+        label_class(
+            &pipeline,
+            &segmenter,
+            &star,
+            &[6],
+            config,
+            &CancelToken::new(),
+            |_| {},
+        )
+        .unwrap()
+    };
+    let alone = run(&one);
+    let weighted = run(&LabelConfig {
+        class_weight: Some(0.5),
+        ..one.clone()
+    });
+    // One iteration: the same prompt and images; the objective gains 0.5 x the star's mean logit.
+    let images = &weighted.evidence[0].as_ref().unwrap().images;
+    let logit = pipeline
+        .classify(images)
+        .unwrap()
+        .logit(3)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let gained = weighted.rows[0].objective - alone.rows[0].objective;
+    assert!(
+        (gained - 0.5 * logit).abs() < 1e-4,
+        "objective gained {gained}, 0.5 x logit = {}",
+        0.5 * logit
+    );
+
+    let cancel = CancelToken::new();
+    cancel.cancel();
+    let err = format!(
+        "{:#}",
+        label_class(&pipeline, &segmenter, &star, &[6], &one, &cancel, |_| {}).unwrap_err()
+    );
+    assert!(
+        err.contains("feature 6") && err.contains("cancelled"),
+        "{err}"
+    );
+}

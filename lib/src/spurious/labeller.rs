@@ -7,6 +7,7 @@
 //! query template, a class name that encodes to no tokens, a query too long for the
 //! segmenter's text model, the soft prompt's template.
 
+use anyhow::Context;
 use candle_core::{DType, Device};
 
 use super::feature_maps::feature_map;
@@ -137,7 +138,8 @@ pub fn label_class(
             &config.optimize,
             cancel,
             |_, _| Ok(()),
-        )?;
+        )
+        .with_context(|| format!("class {}, feature {feature}", class.index))?;
         if result.stop == crate::explain::StopReason::Cancelled {
             anyhow::bail!(
                 "cancelled while labelling feature {feature} (rank {} of class {})",
