@@ -1,6 +1,7 @@
 //! `diffexplainer` command line: `explain` (optimize a soft prompt and record the run),
 //! `tokens` (the nearest vocabulary tokens of a saved prompt), `show` (summarize a record),
-//! `parity` (check modules against their reference libraries).
+//! `parity` (check modules against their reference libraries), `world` (ShapesWorld), `spurious`
+//! (core / spurious labels of a class's features, agreement with Salient ImageNet).
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,9 @@ use diffexplainer::explain::bundle::{
 };
 use diffexplainer::explain::optimize::EarlyStop;
 use diffexplainer::explain::record::{parse_device, run_recorded, RunConfig, RunRecord};
+#[path = "cli/spurious.rs"]
+mod spurious_cli;
+
 use diffexplainer::explain::{
     nearest_tokens, CancelToken, DiffusionPipeline, ModelBundle, Objective, OptimizeConfig,
     PipelineOptions, SoftPrompt, SoftPromptInit,
@@ -69,6 +73,12 @@ enum Command {
     },
     /// ShapesWorld: render the world, train the classifier under audit, measure its ground truth.
     World(diffexplainer::world::cli::WorldArgs),
+    /// Spurious-feature discovery: label a class's features core or spurious from generated
+    /// images and text-prompted segmentation; score labels against Salient ImageNet's.
+    Spurious {
+        #[command(subcommand)]
+        command: spurious_cli::SpuriousCommand,
+    },
     /// Run parity cases (folders holding case.json, or folders of such folders) and print
     /// the max abs/rel error of every output and input gradient.
     Parity {
@@ -240,6 +250,7 @@ fn run() -> anyhow::Result<()> {
             device,
         } => parity(&dirs, markdown, &device),
         Command::World(args) => diffexplainer::world::cli::run(&args),
+        Command::Spurious { command } => spurious_cli::run(&command),
     }
 }
 

@@ -485,6 +485,11 @@ impl Segmenter {
         })
     }
 
+    /// The tokenizer of the queries.
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
     /// Token ids `[b, s]` (u32) of the queries, padded to the longest with the end-of-text id
     /// (CLIPSeg's tokenizer pads with `<|endoftext|>`; the text tower is causal and pools the
     /// first end-of-text, so padding never changes the embedding).

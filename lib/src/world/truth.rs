@@ -29,6 +29,7 @@ use super::render::{render, render_background, Rendered};
 use super::spec::{WorldSpec, ATTRIBUTES};
 use super::splits::{images_tensor, masks_tensor, sample, Dataset, Sample, Split};
 use crate::models::classifiers::{Classifier, Network, Preprocess};
+use crate::spurious::predictive;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TruthConfig {
@@ -279,15 +280,11 @@ pub fn measure(
         let maps = out.tap("layer4")?.to_device(&Device::Cpu)?; // [n, C, h, w]
         let maps = crate::ops::resize_bilinear(&maps, (size, size), false)?;
         let w_c = fc.i(c)?; // [C]
-        let scores: Vec<f32> = pooled
-            .broadcast_mul(&w_c.unsqueeze(0)?)?
-            .mean(0)?
-            .to_vec1()?;
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let scores = predictive::predictive_scores(&pooled, &w_c)?;
+        let order = predictive::top_k(&scores, config.top_k);
         let area: f64 = masks.mean_all()?.to_scalar::<f32>()? as f64;
         let mut rows = Vec::new();
-        for &j in order.iter().take(config.top_k) {
+        for &j in &order {
             let m = maps.narrow(1, j, 1)?; // [n, 1, s, s]
             let inside: Vec<f32> = (&m * &masks)?.sum((1, 2, 3))?.to_vec1()?;
             let total: Vec<f32> = m.sum((1, 2, 3))?.to_vec1()?;
