@@ -68,6 +68,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run many explanations (classes, or (class, feature) pairs) with the models loaded once:
+    /// one run record per job in --out, resumable after a kill, split across machines with
+    /// --shard K/N. `sweep merge DIR...` makes one table of finished records (docs/sweep.md).
+    Sweep(Box<SweepArgs>),
     /// ShapesWorld: render the world, train the classifier under audit, measure its ground truth.
     World(diffexplainer::world::cli::WorldArgs),
     /// Run parity cases (folders holding case.json, or folders of such folders) and print
@@ -171,6 +175,62 @@ struct ExplainArgs {
     /// Print the summary as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct SweepArgs {
+    #[command(subcommand)]
+    action: Option<SweepAction>,
+    #[command(flatten)]
+    run: SweepRunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum SweepAction {
+    /// One table of the finished records of sweep folders (e.g. one per shard), sorted by job;
+    /// CSV on stdout unless --csv/--json/--html name files.
+    Merge {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct SweepRunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A job list: one `CLASS` or `CLASS,FEATURE` per line (`#` comments).
+    #[arg(long, conflicts_with = "salient_imagenet")]
+    list: Option<PathBuf>,
+    /// Salient ImageNet's annotation CSV (discover_spurious_features.csv): its classes, or its
+    /// (class, feature) pairs with --salient-jobs pairs.
+    #[arg(long)]
+    salient_imagenet: Option<PathBuf>,
+    /// classes (default) or pairs.
+    #[arg(long, requires = "salient_imagenet")]
+    salient_jobs: Option<String>,
+    /// With --salient-imagenet classes: add the sum of each class's annotated (top-5) features
+    /// to its class term.
+    #[arg(long, requires = "salient_imagenet")]
+    with_class_features: bool,
+    /// The sweep folder: one record per job (`class-NNNNN[-feature-NNNNN]/`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run only this share of the jobs: K/N takes list positions i with i % N == K.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Stop after running this many jobs (finished ones skipped do not count).
+    #[arg(long)]
+    max_jobs: Option<usize>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// The optimization's settings, shared by `explain` and `sweep`.
@@ -279,6 +339,15 @@ fn run() -> anyhow::Result<()> {
             device,
         } => parity(&dirs, markdown, &device),
         Command::World(args) => diffexplainer::world::cli::run(&args),
+        Command::Sweep(args) => match &args.action {
+            Some(SweepAction::Merge {
+                dirs,
+                csv,
+                json,
+                html,
+            }) => sweep_merge(dirs, csv.as_deref(), json.as_deref(), html.as_deref()),
+            None => sweep(&args.run),
+        },
     }
 }
 
@@ -1070,5 +1139,127 @@ fn show(dir: &Path, reproduce: bool, device: Option<&str>, json: bool) -> anyhow
             }
         );
     }
+    Ok(())
+}
+
+fn sweep(args: &SweepRunArgs) -> anyhow::Result<()> {
+    use diffexplainer::explain::sweep::{
+        jobs_from_salient_imagenet, read_job_list, run_sweep, Shard, SweepSettings,
+    };
+    let spec = args.model.spec()?;
+    let device = parse_device(&args.model.diffusion.device)?;
+    let Some(out) = &args.out else {
+        anyhow::bail!("--out DIR is required: the sweep folder that holds one record per job")
+    };
+    if args.with_class_features && args.salient_jobs.as_deref() == Some("pairs") {
+        anyhow::bail!("--with-class-features adds features to class jobs; pair jobs have none")
+    }
+    let jobs = match (&args.list, &args.salient_imagenet) {
+        (Some(list), None) => read_job_list(list)?,
+        (None, Some(csv)) => {
+            let pairs = match args.salient_jobs.as_deref() {
+                None | Some("classes") => false,
+                Some("pairs") => true,
+                Some(other) => {
+                    anyhow::bail!("--salient-jobs {other}: expected classes or pairs")
+                }
+            };
+            let annotations =
+                diffexplainer::spurious::salient_imagenet::SalientImagenet::from_path(csv)?;
+            jobs_from_salient_imagenet(&annotations, pairs, args.with_class_features)
+        }
+        _ => anyhow::bail!("give the jobs: --list FILE or --salient-imagenet CSV"),
+    };
+    let jobs = match &args.shard {
+        Some(s) => s.parse::<Shard>()?.select(&jobs),
+        None => jobs,
+    };
+    if args.max_jobs == Some(0) {
+        anyhow::bail!("--max-jobs must be at least 1")
+    }
+    let choices = args.run.check(true)?;
+    let bundle = ModelBundle::load(&spec, &device)?;
+    let settings = args.run.settings(&choices, true, &bundle)?;
+    let options = args.run.pipeline_options(&settings);
+    let pipeline = DiffusionPipeline::new(bundle, options)?;
+    let (init, _) = args.run.init();
+    let sweep_settings = SweepSettings {
+        template: args.run.template.clone(),
+        num_vectors: args.run.tokens,
+        init,
+        optimize: args.run.optimize_config(&settings, None),
+        early_stop: settings.early_stop,
+        class_objective: settings.class_objective,
+        activation_samples: args.run.activation_samples(true, &device),
+        save_every: args.run.save_every,
+        top_k: args.run.top,
+        recipe: choices.recipe.map(|r| r.to_string()),
+    };
+    let cancel = CancelToken::new();
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || {
+            if cancel.is_cancelled() {
+                std::process::exit(130);
+            }
+            eprintln!("\ncancelling: the current job stops at its next iteration and is redone on the next start");
+            cancel.cancel();
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let total = jobs.len();
+    let report = run_sweep(
+        &pipeline,
+        &sweep_settings,
+        &jobs,
+        out,
+        args.max_jobs,
+        &cancel,
+        |job, i| eprintln!("[{}/{total}] {}", i + 1, job.name()),
+    )?;
+    println!(
+        "sweep {}: {} job(s) in this share, {} run now, {} already finished, {} unfinished redone, {} left",
+        out.display(),
+        total,
+        report.ran.len(),
+        report.skipped.len(),
+        report.redone.len(),
+        total - report.ran.len() - report.skipped.len()
+    );
+    Ok(())
+}
+
+fn sweep_merge(
+    dirs: &[PathBuf],
+    csv: Option<&Path>,
+    json: Option<&Path>,
+    html: Option<&Path>,
+) -> anyhow::Result<()> {
+    use diffexplainer::explain::sweep::{merge, to_csv, to_html, to_json};
+    let (rows, unfinished) = merge(dirs)?;
+    for dir in &unfinished {
+        eprintln!("{}: unfinished, left out", dir.display());
+    }
+    let write = |path: &Path, text: String| -> anyhow::Result<()> {
+        diffexplainer::io::write_bytes_atomically(path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    if csv.is_none() && json.is_none() && html.is_none() {
+        print!("{}", to_csv(&rows)?);
+    }
+    if let Some(p) = csv {
+        write(p, to_csv(&rows)?)?;
+    }
+    if let Some(p) = json {
+        write(p, to_json(&rows)?)?;
+    }
+    if let Some(p) = html {
+        write(p, to_html(&rows)?)?;
+    }
+    eprintln!(
+        "{} finished job(s), {} unfinished",
+        rows.len(),
+        unfinished.len()
+    );
     Ok(())
 }

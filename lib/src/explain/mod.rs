@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod recipe;
 pub mod record;
 pub mod soft_prompt;
+pub mod sweep;
 pub mod tokens;
 
 pub use activation::{ActivationScore, ActivationScores};
