@@ -129,8 +129,8 @@ fn a_sweep_killed_midway_and_resumed_equals_an_uninterrupted_one() {
     )
     .unwrap();
     std::fs::write(killed.join("metrics.csv"), "iteration,objective\n0,0.5").unwrap();
-    let (_, unfinished) = merge(&[dir.clone()]).unwrap();
-    assert_eq!(unfinished, [killed.clone()]);
+    let (_, unfinished) = merge(&[&dir]).unwrap();
+    assert_eq!(unfinished, vec![killed]);
 
     let resumed = run_sweep(
         &pipeline,
@@ -149,8 +149,8 @@ fn a_sweep_killed_midway_and_resumed_equals_an_uninterrupted_one() {
         assert!(dir.join(job.name()).join(FINISHED_FILE).is_file());
     }
 
-    let (a, _) = merge(&[whole.clone()]).unwrap();
-    let (b, unfinished) = merge(&[dir.clone()]).unwrap();
+    let (a, _) = merge(&[whole]).unwrap();
+    let (b, unfinished) = merge(&[&dir]).unwrap();
     assert!(unfinished.is_empty());
     assert_eq!(a.len(), 5);
     assert_eq!(untimed(a), untimed(b));
@@ -191,7 +191,7 @@ fn shards_merged_equal_the_unsharded_run() {
         dirs.push(dir);
     }
     let (sharded, _) = merge(&dirs).unwrap();
-    let (unsharded, _) = merge(&[whole.clone()]).unwrap();
+    let (unsharded, _) = merge(&[whole]).unwrap();
     assert_eq!(untimed(sharded.clone()), untimed(unsharded));
     assert_eq!(prompts(&[&dirs[0], &dirs[1]]), prompts(&[whole]));
     // A folder given twice (the same job in two places) is refused.

@@ -93,7 +93,8 @@ enum Command {
 /// id, with an optional LoRA. Every option acts or is refused with the reason.
 #[derive(Args, Debug, Clone)]
 struct DiffusionArgs {
-    /// Diffusion preset: sd15-lcm (SD 1.5 + LCM-LoRA, 4 steps), sd-turbo (1 step), tiny
+    /// Diffusion preset: sd15-lcm (SD 1.5 + LCM-LoRA, 4 steps), sd14-lcm (SD 1.4 + LCM-LoRA, the
+    /// authors' base), sd-turbo (1 step), tiny
     /// (embedded random models; the default when no model is given).
     #[arg(long)]
     preset: Option<String>,
@@ -720,11 +721,11 @@ impl RunArgs {
                      --class; it has no meaning with --neuron/--features"
                 )
             }
-            if self.log_probability || self.class_objective.is_some() {
-                anyhow::bail!(
-                    "--log-probability / --class-objective apply to --class, not to \
-                     --neuron/--features"
-                )
+            if self.log_probability {
+                anyhow::bail!("--log-probability applies to --class, not to --neuron/--features")
+            }
+            if self.class_objective.is_some() {
+                anyhow::bail!("--class-objective applies to --class, not to --neuron/--features")
             }
             if self.activation_samples.is_some_and(|n| n > 0) {
                 anyhow::bail!(

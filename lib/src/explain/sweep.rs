@@ -367,11 +367,12 @@ pub struct SweepRow {
 
 /// The finished records under each of `dirs` (sweep output folders) as rows sorted by job
 /// name, and the folders skipped as unfinished. A job found in two folders is an error.
-pub fn merge(dirs: &[PathBuf]) -> anyhow::Result<(Vec<SweepRow>, Vec<PathBuf>)> {
+pub fn merge<P: AsRef<Path>>(dirs: &[P]) -> anyhow::Result<(Vec<SweepRow>, Vec<PathBuf>)> {
     let mut rows: Vec<SweepRow> = Vec::new();
     let mut unfinished = Vec::new();
     let mut seen = std::collections::BTreeMap::new();
     for dir in dirs {
+        let dir = dir.as_ref();
         if !dir.is_dir() {
             anyhow::bail!(
                 "sweep folder {} {}",
