@@ -514,6 +514,24 @@ fn the_paper_recipe_resolves_and_explicit_choices_win() {
         ),
         (30, None, GradientPath::Full, StepNoise::Fixed, true)
     );
+    // An explicit choice that cannot act is refused, whatever value it names.
+    for choices in [
+        RunChoices {
+            resize_antialias: Some(true),
+            ..RunChoices::default()
+        },
+        RunChoices {
+            step_noise: Some(StepNoise::Fixed),
+            ..RunChoices::default()
+        },
+        RunChoices {
+            gradient_path: Some(GradientPath::Full),
+            ..RunChoices::default()
+        },
+    ] {
+        let e = choices.resolve(true, none).unwrap_err().to_string();
+        assert!(e.contains("has no effect"), "{choices:?}: {e}");
+    }
     // Class-only choices without a class are refused.
     let e = RunChoices {
         early_stop: Some(3),
@@ -613,4 +631,117 @@ fn activation_score_is_deterministic_from_its_own_seeds() {
     };
     let (optimization_noise, _) = pipeline.noises_at(0).unwrap();
     assert!(max_abs_diff(&images_first, &optimization_noise) > 1e-3);
+}
+
+#[test]
+fn the_cli_takes_the_recipe_reproduces_fresh_noise_and_refuses_options_without_effect() {
+    let bin = env!("CARGO_BIN_EXE_diffexplainer");
+    let dir = temp_dir("cli");
+    let run = |args: &[&str]| std::process::Command::new(bin).args(args).output().unwrap();
+    let out = dir.join("rec");
+    let o = out.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "explain",
+                "--scheduler",
+                "ddim",
+                "--step-noise",
+                "fresh",
+                "--out",
+                o,
+            ],
+            "--step-noise has no effect",
+        ),
+        (
+            vec![
+                "explain",
+                "--steps",
+                "1",
+                "--gradient-path",
+                "truncated",
+                "--out",
+                o,
+            ],
+            "--gradient-path has no effect",
+        ),
+        (
+            vec!["explain", "--resize-antialias", "false", "--out", o],
+            "--resize-antialias has no effect",
+        ),
+        (
+            vec![
+                "explain",
+                "--neuron",
+                "2",
+                "--activation-samples",
+                "4",
+                "--out",
+                o,
+            ],
+            "--activation-samples counts images",
+        ),
+        (
+            vec![
+                "explain",
+                "--neuron",
+                "2",
+                "--class-features",
+                "1",
+                "--out",
+                o,
+            ],
+            "--class-features adds features",
+        ),
+        (
+            vec!["explain", "--recipe", "dexter", "--out", o],
+            "unknown recipe `dexter`",
+        ),
+        (
+            vec!["explain", "--class-objective", "hinge", "--out", o],
+            "unknown class objective `hinge`",
+        ),
+    ] {
+        let r = run(&args);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            !r.status.success() && stderr.contains(needle),
+            "{args:?}: {stderr}"
+        );
+        assert!(!out.exists(), "{args:?} wrote a record");
+    }
+    let r = run(&[
+        "explain",
+        "--recipe",
+        "paper",
+        "--iterations",
+        "4",
+        "--activation-samples",
+        "3",
+        "--class",
+        "2",
+        "--class-features",
+        "0,1",
+        "--out",
+        o,
+    ]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("recipe paper: resize without antialias left out"),
+        "{stderr}"
+    );
+    let r = run(&["show", o, "--reproduce"]);
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for needle in [
+        "log_p[2] + 2·features[0, 1]",
+        "gradient Truncated, step noise Fresh, resize antialias true, early stop after 3, recipe paper",
+        "soft prompt: ",
+        "/3 = ",
+        "bit for bit identical",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} not in:\n{stdout}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1175,6 +1175,12 @@ fn sweep(args: &SweepRunArgs) -> anyhow::Result<()> {
         Some(s) => s.parse::<Shard>()?.select(&jobs),
         None => jobs,
     };
+    if args.run.early_stop.is_some() && jobs.iter().all(|j| j.feature.is_some()) {
+        anyhow::bail!(
+            "--early-stop applies to class jobs; every job here is a (class, feature) pair, \
+             which maximizes its feature for every iteration"
+        )
+    }
     if args.max_jobs == Some(0) {
         anyhow::bail!("--max-jobs must be at least 1")
     }

@@ -118,6 +118,27 @@ impl RunChoices {
                 anyhow::bail!("--class-objective applies to --class, not to --neuron/--features")
             }
         }
+        // An explicit choice that cannot change anything is refused, whichever value it names.
+        let explicit_without_effect = [
+            (
+                self.gradient_path.is_some() && !effects.gradient_path,
+                "--gradient-path has no effect with one sampling step (the UNet's only input is \
+                 the initial noise, a constant anyway)",
+            ),
+            (
+                self.step_noise.is_some() && !effects.step_noise,
+                "--step-noise has no effect here: the schedule adds no noise between steps (DDIM, \
+                 or a single step)",
+            ),
+            (
+                self.resize_antialias.is_some() && !effects.resize_antialias,
+                "--resize-antialias has no effect here: the images are not shrunk for the \
+                 classifier (antialiasing acts only when downsampling)",
+            ),
+        ];
+        if let Some((_, why)) = explicit_without_effect.iter().find(|(bad, _)| *bad) {
+            anyhow::bail!("{why}")
+        }
         let mut pick = |name: &str, explicit: bool, acts: bool, why: &str| -> bool {
             // Whether the recipe's (non-default) setting is taken.
             if explicit || !paper {
