@@ -155,7 +155,30 @@ fn a_sweep_killed_midway_and_resumed_equals_an_uninterrupted_one() {
     assert_eq!(a.len(), 5);
     assert_eq!(untimed(a), untimed(b));
     assert_eq!(prompts(&[whole]), prompts(&[&dir]));
-    // A third start runs nothing.
+    // Resuming with other settings into the same folder is refused, naming what differs.
+    let other = SweepSettings {
+        optimize: OptimizeConfig {
+            iterations: 4,
+            ..OptimizeConfig::default()
+        },
+        ..settings()
+    };
+    let e = run_sweep(
+        &pipeline,
+        &other,
+        &jobs(),
+        &dir,
+        None,
+        &CancelToken::new(),
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("finished record of other settings (differing: optimize)"),
+        "{e}"
+    );
+    // A third start with the same settings runs nothing.
     let again = run_sweep(
         &pipeline,
         &settings(),

@@ -309,6 +309,7 @@ pub fn run_sweep(
     for (i, job) in jobs.iter().enumerate() {
         let dir = out.join(job.name());
         if dir.join(FINISHED_FILE).is_file() {
+            check_same_settings(&dir, &settings.job_config(pipeline, job))?;
             report.skipped.push(job.name());
             continue;
         }
@@ -339,6 +340,35 @@ pub fn run_sweep(
         report.ran.push(job.name());
     }
     Ok(report)
+}
+
+/// A finished record is only skipped when it ran what this sweep would run: resuming with other
+/// models or settings into the same folder would mix two experiments in one table.
+fn check_same_settings(dir: &Path, expected: &RunConfig) -> anyhow::Result<()> {
+    let found = RunRecord::open(dir)?.config;
+    let comparable = |c: &RunConfig| -> anyhow::Result<serde_json::Value> {
+        let mut v = serde_json::to_value(c)?;
+        v.as_object_mut().map(|o| o.remove("started_at"));
+        Ok(v)
+    };
+    let (a, b) = (comparable(&found)?, comparable(expected)?);
+    if a != b {
+        let differing: Vec<&String> = match (a.as_object(), b.as_object()) {
+            (Some(a), Some(b)) => a.keys().filter(|k| a.get(*k) != b.get(*k)).collect(),
+            _ => vec![],
+        };
+        anyhow::bail!(
+            "{} is a finished record of other settings (differing: {}): resume with the same \
+             options, or use another --out folder",
+            dir.display(),
+            differing
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+    Ok(())
 }
 
 /// One finished job in a merged table.
