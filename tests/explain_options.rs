@@ -745,3 +745,35 @@ fn the_cli_takes_the_recipe_reproduces_fresh_noise_and_refuses_options_without_e
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_sd14_lcm_preset_names_the_missing_weights() {
+    let bin = env!("CARGO_BIN_EXE_diffexplainer");
+    let dir = temp_dir("sd14");
+    std::fs::create_dir_all(dir.join("hf")).unwrap();
+    let classifier = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/world/classifier");
+    let out = dir.join("rec");
+    let r = std::process::Command::new(bin)
+        .env("HF_HOME", dir.join("hf"))
+        .args([
+            "explain",
+            "--preset",
+            "sd14-lcm",
+            "--classifier",
+            classifier,
+            "--class",
+            "1",
+        ])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("model `CompVis/stable-diffusion-v1-4` (revision main) is not in the local Hugging Face cache"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
