@@ -192,12 +192,16 @@ enum SweepAction {
     /// One table of the finished records of sweep folders (e.g. one per shard), sorted by job;
     /// CSV on stdout unless --csv/--json/--html name files.
     Merge {
+        /// Sweep folders (the --out of each sweep or shard).
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
+        /// Write the table as CSV here.
         #[arg(long)]
         csv: Option<PathBuf>,
+        /// Write the rows as a JSON array here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Write the table as an HTML page here.
         #[arg(long)]
         html: Option<PathBuf>,
     },
