@@ -12,13 +12,14 @@ use diffexplainer::explain::bundle::{
     DIFFUSION_PRESETS,
 };
 use diffexplainer::explain::optimize::EarlyStop;
+use diffexplainer::explain::pipeline::OptionEffects;
 use diffexplainer::explain::record::{parse_device, run_recorded, RunConfig, RunRecord};
 #[path = "cli/spurious.rs"]
 mod spurious_cli;
 
 use diffexplainer::explain::{
-    nearest_tokens, CancelToken, DiffusionPipeline, ModelBundle, Objective, OptimizeConfig,
-    PipelineOptions, SoftPrompt, SoftPromptInit,
+    nearest_tokens, CancelToken, ClassObjective, DiffusionPipeline, ModelBundle, Objective,
+    OptimizeConfig, PipelineOptions, RunChoices, RunSettings, SoftPrompt, SoftPromptInit,
 };
 
 #[derive(Parser)]
@@ -71,6 +72,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run many explanations (classes, or (class, feature) pairs) with the models loaded once:
+    /// one run record per job in --out, resumable after a kill, split across machines with
+    /// --shard K/N. `sweep merge DIR...` makes one table of finished records (docs/sweep.md).
+    Sweep(Box<SweepArgs>),
     /// ShapesWorld: render the world, train the classifier under audit, measure its ground truth.
     World(diffexplainer::world::cli::WorldArgs),
     /// Spurious-feature discovery: label a class's features core or spurious from generated
@@ -98,7 +103,8 @@ enum Command {
 /// id, with an optional LoRA. Every option acts or is refused with the reason.
 #[derive(Args, Debug, Clone)]
 struct DiffusionArgs {
-    /// Diffusion preset: sd15-lcm (SD 1.5 + LCM-LoRA, 4 steps), sd-turbo (1 step), tiny
+    /// Diffusion preset: sd15-lcm (SD 1.5 + LCM-LoRA, 4 steps), sd14-lcm (SD 1.4 + LCM-LoRA, the
+    /// authors' base), sd-turbo (1 step), tiny
     /// (embedded random models; the default when no model is given).
     #[arg(long)]
     preset: Option<String>,
@@ -159,7 +165,7 @@ struct ModelArgs {
 struct ExplainArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Maximize this class's logit.
+    /// Maximize this class (its logit, or its log-probability: --class-objective).
     #[arg(long, conflicts_with_all = ["neuron", "features"])]
     class: Option<usize>,
     /// Maximize this penultimate-layer neuron (pooled feature index).
@@ -168,9 +174,107 @@ struct ExplainArgs {
     /// Maximize the mean of these penultimate features (comma-separated indices).
     #[arg(long, value_delimiter = ',')]
     features: Option<Vec<usize>>,
-    /// Maximize the log-probability of --class instead of its logit.
-    #[arg(long, requires = "class")]
+    /// With --class: add the SUM of these penultimate features to the class term (the authors'
+    /// "class + its top-5 features" objective; Salient ImageNet ranks a class's features).
+    #[arg(long, value_delimiter = ',')]
+    class_features: Option<Vec<usize>>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// The run record folder (default: a new runs/explain-<unix time>[-N]).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the summary as JSON on stdout (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct SweepArgs {
+    #[command(subcommand)]
+    action: Option<SweepAction>,
+    #[command(flatten)]
+    run: SweepRunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum SweepAction {
+    /// One table of the finished records of sweep folders (e.g. one per shard), sorted by job;
+    /// CSV on stdout unless --csv/--json/--html name files.
+    Merge {
+        /// Sweep folders (the --out of each sweep or shard).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Write the table as CSV here.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Write the rows as a JSON array here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the table as an HTML page here.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct SweepRunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A job list: one `CLASS` or `CLASS,FEATURE` per line (`#` comments).
+    #[arg(long, conflicts_with = "salient_imagenet")]
+    list: Option<PathBuf>,
+    /// Salient ImageNet's annotation CSV (discover_spurious_features.csv): its classes, or its
+    /// (class, feature) pairs with --salient-jobs pairs.
+    #[arg(long)]
+    salient_imagenet: Option<PathBuf>,
+    /// classes (default) or pairs.
+    #[arg(long, requires = "salient_imagenet")]
+    salient_jobs: Option<String>,
+    /// With --salient-imagenet classes: add the sum of each class's annotated (top-5) features
+    /// to its class term.
+    #[arg(long, requires = "salient_imagenet")]
+    with_class_features: bool,
+    /// The sweep folder: one record per job (`class-NNNNN[-feature-NNNNN]/`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run only this share of the jobs: K/N takes list positions i with i % N == K.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Stop after running this many jobs (finished ones skipped do not count).
+    #[arg(long)]
+    max_jobs: Option<usize>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The optimization's settings, shared by `explain` and `sweep`.
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Take the authors' settings (DEXTER) where ours differ: truncated gradient, fresh step
+    /// noise, cross-entropy class objective, resize without antialias, early stop after 3,
+    /// 1000 iterations at most. Explicit options win; see docs/recipe.md.
+    #[arg(long)]
+    recipe: Option<String>,
+    /// Class objective: logit (default) or cross-entropy (maximize the log-probability; the
+    /// authors' choice).
+    #[arg(long)]
+    class_objective: Option<String>,
+    /// Same as --class-objective cross-entropy.
+    #[arg(long, conflicts_with = "class_objective")]
     log_probability: bool,
+    /// Gradient through the sampling steps: full (every UNet step, default) or truncated (the
+    /// UNet input latents detached at each step, as the authors' code).
+    #[arg(long)]
+    gradient_path: Option<String>,
+    /// The re-noise of LCM / Euler ancestral steps: fixed (drawn once, default) or fresh
+    /// (redrawn every iteration from a seed stream, as the authors' code; still reproducible).
+    #[arg(long)]
+    step_noise: Option<String>,
+    /// Antialias the resize to the classifier's input (default true; the authors' code: false).
+    /// Only acts when the images are larger than the classifier's input.
+    #[arg(long)]
+    resize_antialias: Option<bool>,
     /// The prompt around the soft tokens; `{}` marks where they go.
     #[arg(long, default_value = "A texture of {}")]
     template: String,
@@ -180,8 +284,9 @@ struct ExplainArgs {
     /// Start the vectors at this word's token embeddings (default: random, from --seed).
     #[arg(long)]
     init_word: Option<String>,
-    #[arg(long, default_value_t = 30)]
-    iterations: usize,
+    /// Iterations (the cap with --early-stop); default 30, 1000 with --recipe paper.
+    #[arg(long)]
+    iterations: Option<usize>,
     /// Seed of the noises and of the random initialization.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -193,8 +298,8 @@ struct ExplainArgs {
     /// Classifier-free guidance scale (default: off).
     #[arg(long)]
     guidance: Option<f64>,
-    /// Stop once every image is classified as --class this many iterations in a row.
-    #[arg(long, requires = "class")]
+    /// Stop once every image is classified as the target class this many iterations in a row.
+    #[arg(long)]
     early_stop: Option<usize>,
     /// Clip the gradient to this L2 norm.
     #[arg(long)]
@@ -202,18 +307,17 @@ struct ExplainArgs {
     /// Recompute UNet activations in backward (less memory).
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// The run record folder (default: a new runs/explain-<unix time>[-N]).
+    /// Activation score: sample the best soft prompt, and its nearest-token text, from this many
+    /// fresh seeds each and report the share classified as the target class with a 95% Wilson
+    /// interval (default with a class: 16 on a CPU, 100 on a GPU; 0: skip).
     #[arg(long)]
-    out: Option<PathBuf>,
+    activation_samples: Option<usize>,
     /// Save the images every this many iterations (0: only at the end).
     #[arg(long, default_value_t = 10)]
     save_every: usize,
     /// Nearest tokens shown per vector.
     #[arg(long, default_value_t = 5)]
     top: usize,
-    /// Print the summary as JSON on stdout (progress stays on stderr).
-    #[arg(long)]
-    json: bool,
 }
 
 fn main() {
@@ -251,6 +355,15 @@ fn run() -> anyhow::Result<()> {
         } => parity(&dirs, markdown, &device),
         Command::World(args) => diffexplainer::world::cli::run(&args),
         Command::Spurious { command } => spurious_cli::run(&command),
+        Command::Sweep(args) => match &args.action {
+            Some(SweepAction::Merge {
+                dirs,
+                csv,
+                json,
+                html,
+            }) => sweep_merge(dirs, csv.as_deref(), json.as_deref(), html.as_deref()),
+            None => sweep(&args.run),
+        },
     }
 }
 
@@ -546,22 +659,40 @@ impl ModelArgs {
 /// The tiny default's objective when none is given (its classes are arbitrary anyway).
 const TINY_DEFAULT_CLASS: usize = 3;
 
-fn objective_of(args: &ExplainArgs) -> anyhow::Result<(Objective, Option<usize>)> {
+/// What an explain run maximizes, before the class objective is chosen.
+enum Target {
+    Class {
+        class: usize,
+        features: Option<Vec<usize>>,
+    },
+    Neuron(usize),
+    Features(Vec<usize>),
+}
+
+fn target_of(args: &ExplainArgs) -> anyhow::Result<Target> {
+    if args.class_features.is_some() && args.class.is_none() {
+        anyhow::bail!("--class-features adds features to a --class objective: give --class too")
+    }
     Ok(match (args.class, args.neuron, &args.features) {
         (None, None, None) if args.model.is_tiny() => {
             eprintln!(
-                "no objective given: maximizing class {TINY_DEFAULT_CLASS}'s logit (the default \
-                 with the embedded models; choose with --class, --neuron or --features)"
+                "no objective given: maximizing class {TINY_DEFAULT_CLASS} (the default with the \
+                 embedded models; choose with --class, --neuron or --features)"
             );
-            (
-                Objective::logit(TINY_DEFAULT_CLASS),
-                Some(TINY_DEFAULT_CLASS),
-            )
+            Target::Class {
+                class: TINY_DEFAULT_CLASS,
+                features: None,
+            }
         }
-        (Some(c), None, None) if args.log_probability => (Objective::log_probability(c), Some(c)),
-        (Some(c), None, None) => (Objective::logit(c), Some(c)),
-        (None, Some(n), None) => (Objective::neuron(n), None),
-        (None, None, Some(f)) if !f.is_empty() => (Objective::features(f.clone()), None),
+        (Some(c), None, None) => match &args.class_features {
+            Some(f) if f.is_empty() => anyhow::bail!("--class-features needs at least one index"),
+            f => Target::Class {
+                class: c,
+                features: f.clone(),
+            },
+        },
+        (None, Some(n), None) => Target::Neuron(n),
+        (None, None, Some(f)) if !f.is_empty() => Target::Features(f.clone()),
         (None, None, None) => {
             anyhow::bail!("say what to maximize: --class ID, --neuron INDEX or --features I,J,...")
         }
@@ -569,60 +700,164 @@ fn objective_of(args: &ExplainArgs) -> anyhow::Result<(Objective, Option<usize>)
     })
 }
 
-/// The explain options' own ranges, checked before anything loads or is written.
-fn check_run_args(args: &ExplainArgs) -> anyhow::Result<()> {
-    let at_least_one = [
-        ("--tokens", args.tokens),
-        ("--iterations", args.iterations),
-        ("--batch", args.batch),
-        ("--top", args.top),
-        ("--early-stop", args.early_stop.unwrap_or(1)),
-    ];
-    if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
-        anyhow::bail!("{name} must be at least 1")
+impl Target {
+    fn class(&self) -> Option<usize> {
+        match self {
+            Target::Class { class, .. } => Some(*class),
+            _ => None,
+        }
     }
-    // Class-only options: clap's `requires = "class"` refuses them alone, but not next to
-    // --neuron/--features (which conflict with --class), where they would be silently ignored.
-    if args.class.is_none() && (args.neuron.is_some() || args.features.is_some()) {
-        if args.early_stop.is_some() {
+    fn objective(&self, class_objective: ClassObjective) -> Objective {
+        let ce = class_objective == ClassObjective::CrossEntropy;
+        match self {
+            Target::Class {
+                class,
+                features: Some(f),
+            } => Objective::class_with_features(*class, ce, f.clone()),
+            Target::Class { class, .. } if ce => Objective::log_probability(*class),
+            Target::Class { class, .. } => Objective::logit(*class),
+            Target::Neuron(n) => Objective::neuron(*n),
+            Target::Features(f) => Objective::features(f.clone()),
+        }
+    }
+}
+
+impl RunArgs {
+    /// The options' own ranges and meanings, checked before anything loads or is written.
+    fn check(&self, has_class: bool) -> anyhow::Result<RunChoices> {
+        let at_least_one = [
+            ("--tokens", self.tokens),
+            ("--iterations", self.iterations.unwrap_or(1)),
+            ("--batch", self.batch),
+            ("--top", self.top),
+            ("--early-stop", self.early_stop.unwrap_or(1)),
+        ];
+        if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+            anyhow::bail!("{name} must be at least 1")
+        }
+        if !has_class {
+            if self.early_stop.is_some() {
+                anyhow::bail!(
+                    "--early-stop counts iterations in which every image is classified as \
+                     --class; it has no meaning with --neuron/--features"
+                )
+            }
+            if self.log_probability {
+                anyhow::bail!("--log-probability applies to --class, not to --neuron/--features")
+            }
+            if self.class_objective.is_some() {
+                anyhow::bail!("--class-objective applies to --class, not to --neuron/--features")
+            }
+            if self.activation_samples.is_some_and(|n| n > 0) {
+                anyhow::bail!(
+                    "--activation-samples counts images classified as --class; it has no \
+                     meaning with --neuron/--features"
+                )
+            }
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            anyhow::bail!("--lr must be a positive number, got {}", self.lr)
+        }
+        if let Some(n) = self.max_grad_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
+            anyhow::bail!("--max-grad-norm must be a positive number, got {n}")
+        }
+        if let Some(g) = self.guidance.filter(|g| !(g.is_finite() && *g > 1.0)) {
             anyhow::bail!(
-                "--early-stop counts iterations in which every image is classified as --class; \
-                 it has no meaning with --neuron/--features"
+                "--guidance {g}: classifier-free guidance acts only above 1 (as in diffusers; at 1 \
+                 the prediction is the conditional one alone, below it the prompt's effect \
+                 shrinks, at 0 it has none); omit --guidance for no guidance"
             )
         }
-        if args.log_probability {
-            anyhow::bail!("--log-probability applies to --class, not to --neuron/--features")
+        let class_objective = match (&self.class_objective, self.log_probability) {
+            (Some(s), _) => Some(s.parse::<ClassObjective>()?),
+            (None, true) => Some(ClassObjective::CrossEntropy),
+            (None, false) => None,
+        };
+        Ok(RunChoices {
+            recipe: self.recipe.as_deref().map(str::parse).transpose()?,
+            iterations: self.iterations,
+            early_stop: self.early_stop,
+            class_objective,
+            gradient_path: self.gradient_path.as_deref().map(str::parse).transpose()?,
+            step_noise: self.step_noise.as_deref().map(str::parse).transpose()?,
+            resize_antialias: self.resize_antialias,
+        })
+    }
+
+    /// The settings for a loaded bundle (recipe notes go to stderr).
+    fn settings(
+        &self,
+        choices: &RunChoices,
+        has_class: bool,
+        bundle: &ModelBundle,
+    ) -> anyhow::Result<RunSettings> {
+        let settings = choices.resolve(has_class, OptionEffects::of(bundle)?)?;
+        for note in &settings.notes {
+            eprintln!("{note}");
+        }
+        Ok(settings)
+    }
+
+    fn pipeline_options(&self, s: &RunSettings) -> PipelineOptions {
+        PipelineOptions {
+            batch: self.batch,
+            seed: self.seed,
+            guidance_scale: self.guidance,
+            gradient_checkpointing: self.gradient_checkpointing,
+            gradient_path: s.gradient_path,
+            step_noise: s.step_noise,
+            resize_antialias: s.resize_antialias,
         }
     }
-    if !(args.lr.is_finite() && args.lr > 0.0) {
-        anyhow::bail!("--lr must be a positive number, got {}", args.lr)
+
+    fn optimize_config(&self, s: &RunSettings, target_class: Option<usize>) -> OptimizeConfig {
+        OptimizeConfig {
+            iterations: s.iterations,
+            lr: self.lr,
+            max_grad_norm: self.max_grad_norm,
+            early_stop: match (s.early_stop, target_class) {
+                (Some(n), Some(class)) => Some(EarlyStop {
+                    class,
+                    consecutive: n,
+                }),
+                _ => None,
+            },
+            ..OptimizeConfig::default()
+        }
     }
-    if let Some(n) = args.max_grad_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
-        anyhow::bail!("--max-grad-norm must be a positive number, got {n}")
+
+    fn init(&self) -> (SoftPromptInit, String) {
+        match &self.init_word {
+            Some(w) => (SoftPromptInit::Word(w.clone()), format!("word:{w}")),
+            None => (
+                SoftPromptInit::Random { seed: self.seed },
+                format!("random:{}", self.seed),
+            ),
+        }
     }
-    if let Some(g) = args.guidance.filter(|g| !(g.is_finite() && *g > 1.0)) {
-        anyhow::bail!(
-            "--guidance {g}: classifier-free guidance acts only above 1 (as in diffusers; at 1 the \
-             prediction is the conditional one alone, below it the prompt's effect shrinks, at 0 \
-             it has none); omit --guidance for no guidance"
-        )
+
+    fn activation_samples(&self, has_class: bool, device: &candle_core::Device) -> usize {
+        match self.activation_samples {
+            Some(n) => n,
+            None if has_class => diffexplainer::explain::activation::default_samples(device),
+            None => 0,
+        }
     }
-    Ok(())
 }
 
 fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     // The model options first: the model folder is named before anything else.
     let spec = args.model.spec()?;
-    let (objective, target_class) = objective_of(args)?;
+    let target = target_of(args)?;
+    let target_class = target.class();
     let device = parse_device(&args.model.diffusion.device)?;
-    check_run_args(args)?;
+    let choices = args.run.check(target_class.is_some())?;
     let bundle = ModelBundle::load(&spec, &device)?;
-    let options = PipelineOptions {
-        batch: args.batch,
-        seed: args.seed,
-        guidance_scale: args.guidance,
-        gradient_checkpointing: args.gradient_checkpointing,
-    };
+    let settings = args
+        .run
+        .settings(&choices, target_class.is_some(), &bundle)?;
+    let objective = target.objective(settings.class_objective);
+    let options = args.run.pipeline_options(&settings);
     let pipeline = DiffusionPipeline::new(bundle, options.clone())?;
     // Check the objective against the classifier before writing anything (a cheap classifier
     // pass on a gray image; the loop would only find out after the first diffusion run).
@@ -631,40 +866,23 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     objective
         .validate(&pipeline.classify(&gray)?)
         .with_context(|| format!("objective {objective}"))?;
-    let init = match &args.init_word {
-        Some(w) => SoftPromptInit::Word(w.clone()),
-        None => SoftPromptInit::Random { seed: args.seed },
-    };
-    let init_text = match &init {
-        SoftPromptInit::Word(w) => format!("word:{w}"),
-        SoftPromptInit::Random { seed } => format!("random:{seed}"),
-    };
-    let mut prompt = pipeline.new_prompt(&args.template, args.tokens, &init)?;
-    let optimize = OptimizeConfig {
-        iterations: args.iterations,
-        lr: args.lr,
-        max_grad_norm: args.max_grad_norm,
-        early_stop: match (args.early_stop, target_class) {
-            (Some(n), Some(class)) => Some(EarlyStop {
-                class,
-                consecutive: n,
-            }),
-            _ => None,
-        },
-        ..OptimizeConfig::default()
-    };
-    let config = RunConfig::new(
+    let (init, init_text) = args.run.init();
+    let mut prompt = pipeline.new_prompt(&args.run.template, args.run.tokens, &init)?;
+    let optimize = args.run.optimize_config(&settings, target_class);
+    let mut config = RunConfig::new(
         pipeline.bundle().spec.clone(),
         &device,
         options,
-        &args.template,
-        args.tokens,
+        &args.run.template,
+        args.run.tokens,
         init_text,
         objective,
         target_class,
         optimize,
-        args.save_every,
+        args.run.save_every,
     );
+    config.activation_samples = args.run.activation_samples(target_class.is_some(), &device);
+    config.recipe = choices.recipe.map(|r| r.to_string());
     let (out, created) = match &args.out {
         Some(dir) => (dir.clone(), !dir.exists()),
         None => (
@@ -689,7 +907,7 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         })
         .context("cannot install the Ctrl-C handler")?;
     }
-    let bar = indicatif::ProgressBar::new(args.iterations as u64);
+    let bar = indicatif::ProgressBar::new(config.optimize.iterations as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
@@ -704,7 +922,7 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         &mut prompt,
         &config,
         &cancel,
-        args.top,
+        args.run.top,
         |m| {
             recorded += 1;
             best = best.max(m.objective);
@@ -743,6 +961,9 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         );
         if let Some(e) = &summary.explanation {
             print!("{e}");
+        }
+        if let Some(a) = &summary.activation {
+            print!("{a}");
         }
         println!("record: {}", out.display());
     }
@@ -882,6 +1103,17 @@ fn show(dir: &Path, reproduce: bool, device: Option<&str>, json: bool) -> anyhow
         c.optimize.lr
     );
     println!(
+        "settings   gradient {:?}, step noise {:?}, resize antialias {}, early stop {}, \
+         recipe {}",
+        c.pipeline.gradient_path,
+        c.pipeline.step_noise,
+        c.pipeline.resize_antialias,
+        c.optimize
+            .early_stop
+            .map_or("off".to_string(), |e| format!("after {}", e.consecutive)),
+        c.recipe.as_deref().unwrap_or("none")
+    );
+    println!(
         "versions   diffexplainer {}, candle {}",
         c.diffexplainer_version, c.candle_version
     );
@@ -900,6 +1132,9 @@ fn show(dir: &Path, reproduce: bool, device: Option<&str>, json: bool) -> anyhow
             );
             if let Some(e) = &s.explanation {
                 print!("{e}");
+            }
+            if let Some(a) = &s.activation {
+                print!("{a}");
             }
         }
         None => {
@@ -931,5 +1166,133 @@ fn show(dir: &Path, reproduce: bool, device: Option<&str>, json: bool) -> anyhow
             }
         );
     }
+    Ok(())
+}
+
+fn sweep(args: &SweepRunArgs) -> anyhow::Result<()> {
+    use diffexplainer::explain::sweep::{
+        jobs_from_salient_imagenet, read_job_list, run_sweep, Shard, SweepSettings,
+    };
+    let spec = args.model.spec()?;
+    let device = parse_device(&args.model.diffusion.device)?;
+    let Some(out) = &args.out else {
+        anyhow::bail!("--out DIR is required: the sweep folder that holds one record per job")
+    };
+    if args.with_class_features && args.salient_jobs.as_deref() == Some("pairs") {
+        anyhow::bail!("--with-class-features adds features to class jobs; pair jobs have none")
+    }
+    let jobs = match (&args.list, &args.salient_imagenet) {
+        (Some(list), None) => read_job_list(list)?,
+        (None, Some(csv)) => {
+            let pairs = match args.salient_jobs.as_deref() {
+                None | Some("classes") => false,
+                Some("pairs") => true,
+                Some(other) => {
+                    anyhow::bail!("--salient-jobs {other}: expected classes or pairs")
+                }
+            };
+            let annotations =
+                diffexplainer::spurious::salient_imagenet::SalientImagenet::from_path(csv)?;
+            jobs_from_salient_imagenet(&annotations, pairs, args.with_class_features)
+        }
+        _ => anyhow::bail!("give the jobs: --list FILE or --salient-imagenet CSV"),
+    };
+    let jobs = match &args.shard {
+        Some(s) => s.parse::<Shard>()?.select(&jobs),
+        None => jobs,
+    };
+    if args.run.early_stop.is_some() && jobs.iter().all(|j| j.feature.is_some()) {
+        anyhow::bail!(
+            "--early-stop applies to class jobs; every job here is a (class, feature) pair, \
+             which maximizes its feature for every iteration"
+        )
+    }
+    if args.max_jobs == Some(0) {
+        anyhow::bail!("--max-jobs must be at least 1")
+    }
+    let choices = args.run.check(true)?;
+    let bundle = ModelBundle::load(&spec, &device)?;
+    let settings = args.run.settings(&choices, true, &bundle)?;
+    let options = args.run.pipeline_options(&settings);
+    let pipeline = DiffusionPipeline::new(bundle, options)?;
+    let (init, _) = args.run.init();
+    let sweep_settings = SweepSettings {
+        template: args.run.template.clone(),
+        num_vectors: args.run.tokens,
+        init,
+        optimize: args.run.optimize_config(&settings, None),
+        early_stop: settings.early_stop,
+        class_objective: settings.class_objective,
+        activation_samples: args.run.activation_samples(true, &device),
+        save_every: args.run.save_every,
+        top_k: args.run.top,
+        recipe: choices.recipe.map(|r| r.to_string()),
+    };
+    let cancel = CancelToken::new();
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || {
+            if cancel.is_cancelled() {
+                std::process::exit(130);
+            }
+            eprintln!("\ncancelling: the current job stops at its next iteration and is redone on the next start");
+            cancel.cancel();
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let total = jobs.len();
+    let report = run_sweep(
+        &pipeline,
+        &sweep_settings,
+        &jobs,
+        out,
+        args.max_jobs,
+        &cancel,
+        |job, i| eprintln!("[{}/{total}] {}", i + 1, job.name()),
+    )?;
+    println!(
+        "sweep {}: {} job(s) in this share, {} run now, {} already finished, {} unfinished redone, {} left",
+        out.display(),
+        total,
+        report.ran.len(),
+        report.skipped.len(),
+        report.redone.len(),
+        total - report.ran.len() - report.skipped.len()
+    );
+    Ok(())
+}
+
+fn sweep_merge(
+    dirs: &[PathBuf],
+    csv: Option<&Path>,
+    json: Option<&Path>,
+    html: Option<&Path>,
+) -> anyhow::Result<()> {
+    use diffexplainer::explain::sweep::{merge, to_csv, to_html, to_json};
+    let (rows, unfinished) = merge(dirs)?;
+    for dir in &unfinished {
+        eprintln!("{}: unfinished, left out", dir.display());
+    }
+    let write = |path: &Path, text: String| -> anyhow::Result<()> {
+        diffexplainer::io::write_bytes_atomically(path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    if csv.is_none() && json.is_none() && html.is_none() {
+        print!("{}", to_csv(&rows)?);
+    }
+    if let Some(p) = csv {
+        write(p, to_csv(&rows)?)?;
+    }
+    if let Some(p) = json {
+        write(p, to_json(&rows)?)?;
+    }
+    if let Some(p) = html {
+        write(p, to_html(&rows)?)?;
+    }
+    eprintln!(
+        "{} finished job(s), {} unfinished",
+        rows.len(),
+        unfinished.len()
+    );
     Ok(())
 }

@@ -15,7 +15,8 @@
 //!   downloaded). When it is not there, the error says which files to download and where.
 //!
 //! Presets ([`ModelSpec::preset`]) fix the paper's settings: `sd15-lcm` (SD 1.5 with the LCM
-//! LoRA, LCM scheduler, 4 steps) and `sd-turbo` (1 step, Euler ancestral, trailing spacing).
+//! LoRA, LCM scheduler, 4 steps), `sd14-lcm` (the same on SD 1.4, `CompVis/stable-diffusion-v1-4`,
+//! the authors' base) and `sd-turbo` (1 step, Euler ancestral, trailing spacing).
 //! Classifier presets ([`ClassifierSpec::preset`]): `resnet18`, `resnet50`, `vgg16`, `vit-b16`,
 //! `robust-resnet50`, each loaded from a user-supplied checkpoint (or torchvision's file name in
 //! the torch hub cache).
@@ -101,7 +102,7 @@ pub const CLASSIFIER_PRESETS: &[(&str, &str, usize, Option<&str>)] = &[
 pub const FOLDER_ARCH: &str = "folder";
 
 /// Diffusion presets, by name.
-pub const DIFFUSION_PRESETS: &[&str] = &["sd15-lcm", "sd-turbo", "tiny"];
+pub const DIFFUSION_PRESETS: &[&str] = &["sd15-lcm", "sd14-lcm", "sd-turbo", "tiny"];
 
 impl ClassifierSpec {
     /// A classifier preset with a checkpoint. Without one, torchvision's file is looked up in
@@ -254,6 +255,25 @@ impl ModelSpec {
             "sd15-lcm" => Self {
                 preset: Some(name.to_string()),
                 diffusion: hub_or_dir("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                lora: Some(LoraSpec {
+                    source: FileSource::Hub {
+                        repo: "latent-consistency/lcm-lora-sdv1-5".to_string(),
+                        file: "pytorch_lora_weights.safetensors".to_string(),
+                    },
+                    scale: 1.0,
+                }),
+                scheduler: Some("lcm".to_string()),
+                timestep_spacing: None,
+                steps: 4,
+                resolution: 512,
+                classifier,
+                dtype: "f32".to_string(),
+            },
+            // The authors' base (DEXTER): SD 1.4 with the SD 1.5 LCM-LoRA (the two share the
+            // UNet architecture), LCM, 4 steps.
+            "sd14-lcm" => Self {
+                preset: Some(name.to_string()),
+                diffusion: hub_or_dir("CompVis/stable-diffusion-v1-4"),
                 lora: Some(LoraSpec {
                     source: FileSource::Hub {
                         repo: "latent-consistency/lcm-lora-sdv1-5".to_string(),

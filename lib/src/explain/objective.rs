@@ -60,6 +60,23 @@ impl Objective {
     pub fn features(indices: impl Into<Vec<usize>>) -> Self {
         Self::single(Term::Features(indices.into()))
     }
+    /// The authors' class-and-features objective: the class term (its log-probability, or its
+    /// logit) plus the **sum** of the given pooled features (e.g. the class's top-5 features
+    /// as Salient ImageNet ranks them), i.e. `len(features)·features[...]`, the mean scaled.
+    pub fn class_with_features(
+        class_id: usize,
+        log_probability: bool,
+        features: impl Into<Vec<usize>>,
+    ) -> Self {
+        let features = features.into();
+        let class = if log_probability {
+            Self::log_probability(class_id)
+        } else {
+            Self::logit(class_id)
+        };
+        let k = features.len() as f64;
+        class + k * Self::features(features)
+    }
     pub fn channel(tap: impl Into<String>, channel: usize) -> Self {
         Self::single(Term::Channel {
             tap: tap.into(),

@@ -23,6 +23,16 @@ use crate::models::classifiers::ClassifierOutput;
 pub trait Pipeline {
     /// Images `[b, 3, h, w]` in [0, 1] and the classifier's output on them.
     fn run(&self, prompt: &SoftPrompt) -> anyhow::Result<(Tensor, ClassifierOutput)>;
+
+    /// [`Self::run`] at optimization iteration `iteration` (a pipeline that redraws its noise
+    /// per iteration uses it; the default ignores it).
+    fn run_at(
+        &self,
+        prompt: &SoftPrompt,
+        _iteration: usize,
+    ) -> anyhow::Result<(Tensor, ClassifierOutput)> {
+        self.run(prompt)
+    }
 }
 
 /// Settings of the loop. Defaults follow the authors' code: AdamW, lr 0.1, eps 1e-4.
@@ -159,7 +169,7 @@ pub fn optimize(
             stop = StopReason::Cancelled;
             break;
         }
-        let (images, output) = pipeline.run(prompt)?;
+        let (images, output) = pipeline.run_at(prompt, iteration)?;
         if iteration == 0 {
             objective.validate(&output)?;
         }

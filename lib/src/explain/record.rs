@@ -24,6 +24,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::activation::{activation_scores, ActivationScores};
 use super::bundle::{ModelBundle, ModelSpec};
 use super::objective::Objective;
 use super::optimize::{IterationMetrics, OptimizeConfig, Optimized};
@@ -69,6 +70,14 @@ pub struct RunConfig {
     pub save_every: usize,
     /// Seconds since the Unix epoch at the start.
     pub started_at: u64,
+    /// Images per prompt for the activation score at the end (0: not scored; what records
+    /// older than the score hold).
+    #[serde(default)]
+    pub activation_samples: usize,
+    /// The recipe the run's settings came from (`paper`), if any (informative: the settings
+    /// themselves are the fields above).
+    #[serde(default)]
+    pub recipe: Option<String>,
 }
 
 impl RunConfig {
@@ -105,6 +114,8 @@ impl RunConfig {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            activation_samples: 0,
+            recipe: None,
         }
     }
 }
@@ -142,6 +153,9 @@ pub struct RunSummary {
     pub last_objective: f64,
     pub seconds: f64,
     pub explanation: Option<TextualExplanation>,
+    /// The best prompt's activation score on fresh seeds (absent when not scored).
+    #[serde(default)]
+    pub activation: Option<ActivationScores>,
 }
 
 /// Writes a record as a run goes: [`RunWriter::create`] before the loop,
@@ -266,6 +280,16 @@ impl RunWriter {
         result: &Optimized,
         explanation: Option<TextualExplanation>,
     ) -> anyhow::Result<RunSummary> {
+        self.finish_with(result, explanation, None)
+    }
+
+    /// [`Self::finish`] with the activation score.
+    pub fn finish_with(
+        self,
+        result: &Optimized,
+        explanation: Option<TextualExplanation>,
+        activation: Option<ActivationScores>,
+    ) -> anyhow::Result<RunSummary> {
         SoftPrompt::from_vectors(&self.template, &result.best_vectors)?
             .save(self.dir.join(PROMPT_FILE))?;
         let best = images_f32_cpu(&result.best_images)?;
@@ -288,6 +312,7 @@ impl RunWriter {
             last_objective: objective_at(result.metrics.last()),
             seconds: result.metrics.last().map_or(0.0, |m| m.seconds),
             explanation,
+            activation,
         };
         crate::io::write_bytes_atomically(
             &self.dir.join(SUMMARY_FILE),
@@ -471,7 +496,13 @@ impl RunRecord {
     /// [`Self::pipeline`]) and compares them with the saved ones.
     pub fn reproduce_with(&self, pipeline: &DiffusionPipeline) -> anyhow::Result<Reproduction> {
         let prompt = self.prompt(&pipeline.bundle().device)?;
-        let images = images_f32_cpu(&pipeline.generate(prompt.template(), prompt.vectors())?)?;
+        // Under fresh step noise the best images came from their own iteration's noise.
+        let iteration = self.summary.as_ref().map_or(0, |s| s.best_iteration);
+        let images = images_f32_cpu(&pipeline.generate_at(
+            prompt.template(),
+            prompt.vectors(),
+            iteration,
+        )?)?;
         let saved = self.best_images()?;
         if images.dims() != saved.dims() {
             anyhow::bail!(
@@ -531,7 +562,9 @@ pub fn create_free_dir(parent: &Path, stem: &str) -> anyhow::Result<PathBuf> {
 /// A whole recorded run: creates the record in `dir`, runs [`super::optimize()`] writing every
 /// iteration as it goes (then calling `on_iteration`, e.g. for a progress bar), and finishes
 /// the record with the best prompt's nearest tokens (`top_k` per vector). A cancelled run is
-/// finished and recorded like any other (its summary says `Cancelled`).
+/// finished and recorded like any other (its summary says `Cancelled`). With
+/// `config.activation_samples > 0` the best prompt and its nearest-token text are then scored
+/// on that many fresh seeds each ([`super::activation`]).
 #[allow(clippy::too_many_arguments)]
 pub fn run_recorded(
     dir: &Path,
@@ -542,6 +575,12 @@ pub fn run_recorded(
     top_k: usize,
     mut on_iteration: impl FnMut(&IterationMetrics),
 ) -> anyhow::Result<(Optimized, RunSummary)> {
+    if config.activation_samples > 0 && config.target_class.is_none() {
+        anyhow::bail!(
+            "the activation score counts images classified as the target class; this run has \
+             none (set activation_samples to 0)"
+        )
+    }
     let mut writer = RunWriter::create(dir, config, prompt)?;
     let result = super::optimize::optimize(
         pipeline,
@@ -564,6 +603,18 @@ pub fn run_recorded(
         &bundle.tokenizer,
         top_k,
     )?;
-    let summary = writer.finish(&result, Some(explanation))?;
+    let activation = match config.target_class {
+        Some(class) if config.activation_samples > 0 => Some(activation_scores(
+            pipeline,
+            prompt.template(),
+            &result.best_vectors,
+            &explanation.prompt,
+            class,
+            config.activation_samples,
+            config.pipeline.seed,
+        )?),
+        _ => None,
+    };
+    let summary = writer.finish_with(&result, Some(explanation), activation)?;
     Ok((result, summary))
 }

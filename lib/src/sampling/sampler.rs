@@ -28,6 +28,11 @@ pub struct SamplerOptions {
     pub step_noises: Vec<Tensor>,
     /// Keep the latents after every step in [`SampleOutput::intermediates`].
     pub keep_intermediates: bool,
+    /// Detach the denoiser's input latents at every step (the authors' code does): the
+    /// gradient then reaches the conditioning only through each step's denoiser call on a
+    /// constant input and through the scheduler's own update, never back through an earlier
+    /// denoiser call. `false` (the default) differentiates through the whole chain.
+    pub detach_model_input: bool,
 }
 
 impl SamplerOptions {
@@ -48,6 +53,12 @@ impl SamplerOptions {
 
     pub fn with_step_noises(mut self, noises: Vec<Tensor>) -> Self {
         self.step_noises = noises;
+        self
+    }
+
+    /// See [`SamplerOptions::detach_model_input`].
+    pub fn with_detached_model_input(mut self, detach: bool) -> Self {
+        self.detach_model_input = detach;
         self
     }
 
@@ -132,9 +143,16 @@ where
     let mut latents = initial_noise.affine(scheduler.init_noise_sigma(), 0.0)?;
     let mut intermediates = Vec::new();
     for (i, &t) in timesteps.iter().enumerate() {
+        // The scheduler's update below still uses the live `latents`; only the denoiser sees a
+        // constant.
+        let model_latents = if options.detach_model_input {
+            latents.detach()
+        } else {
+            latents.clone()
+        };
         let model_output = match (&guided_cond, options.guidance_scale) {
             (Some(c), Some(scale)) => {
-                let x = Tensor::cat(&[&latents, &latents], 0)?;
+                let x = Tensor::cat(&[&model_latents, &model_latents], 0)?;
                 let x = scheduler.scale_model_input(&x, i)?;
                 let out = denoiser(&x, t, c)?;
                 let b = latents.dim(0)?;
@@ -146,7 +164,7 @@ where
                     .add(&e_c.affine(scale, 0.0)?)?
             }
             _ => {
-                let x = scheduler.scale_model_input(&latents, i)?;
+                let x = scheduler.scale_model_input(&model_latents, i)?;
                 let out = denoiser(&x, t, cond)?;
                 check_output(&out, &x, t)?;
                 out
