@@ -165,7 +165,7 @@ fn train_classifier_then_truth_on_a_tiny_world() {
         ("train = 3600", "train = 120"),
         ("validation = 1200", "validation = 36"),
         ("balanced = 1200", "balanced = 36"),
-        ("epochs = 6", "epochs = 1"),
+        ("epochs = 12", "epochs = 1"),
         ("widths = [8, 16, 32, 32]", "widths = [4, 8, 8, 8]"),
         ("stem_width = 8", "stem_width = 4"),
     ] {

@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use diffexplainer::models::classifiers::Classifier;
 use diffexplainer::world::classifier::{self, Trainable};
+use diffexplainer::world::net::Rows;
 use diffexplainer::world::spec::WorldSpec;
 use diffexplainer::world::train::{self, AdamW, Checkpointing, TrainConfig};
 use diffexplainer::world::{Dataset, Split};
@@ -47,9 +48,10 @@ fn train_small(
 
 fn weights_bits(model: &Trainable) -> Vec<(String, Vec<u32>)> {
     let mut t: Vec<_> = model
-        .tensors()
+        .tensors(0)
         .unwrap()
         .into_iter()
+        .filter(|(n, _)| !n.ends_with("num_batches_tracked"))
         .map(|(n, t)| {
             let bits = t
                 .flatten_all()
@@ -114,9 +116,11 @@ fn the_same_seed_gives_bit_identical_weights_and_resume_matches() {
             Trainable::new(&classifier::resnet_config(&spec), spec.classifier.seed).unwrap();
         let (images, labels) = (data.images().unwrap(), data.labels().unwrap());
         let pre = classifier::preprocess(&spec);
+        let net = model.net().unwrap();
         let mut calls = 0;
         let r = train::train(
             model.trainable_vars().unwrap(),
+            model.buffers().unwrap(),
             96,
             &resumable,
             Some(&ckpt),
@@ -131,10 +135,8 @@ fn the_same_seed_gives_bit_identical_weights_and_resume_matches() {
                     idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
                     &Device::Cpu,
                 )?;
-                let logits = model
-                    .classifier()?
-                    .forward(&pre.forward(&images.index_select(&ids, 0)?)?)?
-                    .logits;
+                let x = Rows::from_nchw(&pre.forward(&images.index_select(&ids, 0)?)?)?;
+                let logits = net.forward(&x, true)?;
                 classifier::cross_entropy(&logits, &labels.index_select(&ids, 0)?)
             },
         );
@@ -254,4 +256,61 @@ fn the_saved_folder_loads_with_the_same_outputs() {
     let err = format!("{:#}", classifier::load_for(&other, &dir).err().unwrap());
     assert!(err.contains("not the spec's"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Training-step timing on the default world's classifier, one batch of 128 (a benchmark, not
+/// a test: `cargo test --release --test world_train -- --ignored --nocapture bench`). "rebuilt"
+/// is the former step: the inference ResNet rebuilt from the variables each step (batch norm
+/// folded into an affine), candle's conv2d backward; "net" is `world::net` (train-mode batch
+/// norm, im2col + GEMM convolutions).
+#[test]
+#[ignore = "a benchmark; prints timings"]
+fn bench_training_step() {
+    let mut spec = WorldSpec::default_world();
+    spec.splits.train = 128;
+    let data = Dataset::new(&spec, Split::Train, None);
+    let (images, labels) = (data.images().unwrap(), data.labels().unwrap());
+    let pre = classifier::preprocess(&spec);
+    let model = Trainable::new(&classifier::resnet_config(&spec), 0).unwrap();
+    let net = model.net().unwrap();
+    let x = pre.forward(&images).unwrap();
+    let rows = Rows::from_nchw(&x).unwrap();
+    let mut opt = AdamW::new(model.trainable_vars().unwrap(), ParamsAdamW::default()).unwrap();
+    let reps = 5;
+    for (name, rebuilt) in [("rebuilt", true), ("net", false)] {
+        if std::env::var("WORLD_BENCH").is_ok_and(|only| only != name) {
+            continue;
+        }
+        let (mut fwd, mut bwd, mut step) = (0f64, 0f64, 0f64);
+        for rep in 0..=reps {
+            let t = std::time::Instant::now();
+            let logits = if rebuilt {
+                model.classifier().unwrap().forward(&x).unwrap().logits
+            } else {
+                net.forward(&rows, true).unwrap()
+            };
+            let loss = classifier::cross_entropy(&logits, &labels).unwrap();
+            let _ = loss.to_scalar::<f32>().unwrap();
+            let t1 = std::time::Instant::now();
+            let grads = loss.backward().unwrap();
+            let t2 = std::time::Instant::now();
+            opt.step(&grads).unwrap();
+            let t3 = std::time::Instant::now();
+            if rep > 0 {
+                // Repetition 0 warms up.
+                fwd += (t1 - t).as_secs_f64();
+                bwd += (t2 - t1).as_secs_f64();
+                step += (t3 - t2).as_secs_f64();
+            }
+        }
+        let per = |s: f64| s * 1e3 / reps as f64;
+        let total = (fwd + bwd + step) / reps as f64;
+        println!(
+            "{name}: forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms; {:.0} images/s",
+            per(fwd),
+            per(bwd),
+            per(step),
+            128.0 / total
+        );
+    }
 }

@@ -2,14 +2,11 @@
 //! stem), trained on the biased train split with [`super::train`], saved as a classifier folder
 //! (`config.json` + `model.safetensors`) that `--classifier DIR` loads.
 //!
-//! Batch norm: `ops::BatchNorm2d` is inference-only (running statistics folded into an affine).
-//! The classifier is trained without batch statistics: every BatchNorm2d is a learned
-//! per-channel affine (`weight`, `bias`) over fixed running statistics (mean 0, variance 1), so
-//! the trained weights mean the same in training and in evaluation and load as a torchvision
-//! state dict. The last norm of each residual block starts at 0 (torchvision's
-//! `zero_init_residual`), so every block starts as the identity and the un-normalized network
-//! trains stably. The model is rebuilt from its variables at every step because the folded
-//! affine is computed at construction.
+//! Training runs [`super::net::TrainNet`] over the same variables: train-mode batch norm (batch
+//! statistics, running statistics tracked with torchvision's momentum), convolutions as im2col +
+//! GEMM. The saved `running_mean` / `running_var` / `num_batches_tracked` are torchvision's, so
+//! the folder loads in the inference ResNet (`models/classifiers/resnet.rs`) unchanged. The last
+//! norm of each residual block starts at 0 (torchvision's `zero_init_residual`).
 //!
 //! The input pipeline is the bundle's [`Classifier::preprocess`] at the world's image size (no
 //! resize for world images), with ImageNet's normalization.
@@ -21,6 +18,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
+use super::net::{Rows, TrainNet};
 use super::spec::WorldSpec;
 use super::splits::{Dataset, Sample, Split};
 use super::train::{self, Checkpointing, TrainConfig, TrainReport};
@@ -116,21 +114,59 @@ impl Trainable {
         )
     }
 
-    /// The variables the optimizer updates (all but the fixed running statistics), by name.
+    /// The training-mode network over these variables (built once per run).
+    pub fn net(&self) -> anyhow::Result<TrainNet> {
+        let ClassifierConfig::ResNet(config) = &self.config else {
+            anyhow::bail!("the world classifier is a ResNet")
+        };
+        Ok(TrainNet::new(
+            config,
+            &sorted_vars(&self.varmap)?.into_iter().collect(),
+        )?)
+    }
+
+    /// The variables the optimizer updates (all but the running statistics), by name.
     pub fn trainable_vars(&self) -> anyhow::Result<Vec<(String, Var)>> {
         Ok(sorted_vars(&self.varmap)?
             .into_iter()
-            .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+            .filter(|(n, _)| !is_running_stat(n))
             .collect())
     }
 
-    /// Every tensor by its torchvision name.
-    pub fn tensors(&self) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+    /// Batch norm's running statistics, which training updates outside the optimizer.
+    pub fn buffers(&self) -> anyhow::Result<Vec<(String, Var)>> {
         Ok(sorted_vars(&self.varmap)?
             .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().copy().expect("a CPU copy")))
+            .filter(|(n, _)| is_running_stat(n))
             .collect())
     }
+
+    /// Every tensor by its torchvision name, with each norm's `num_batches_tracked` (i64, `[]`)
+    /// set to `batches`, the training steps run (each step normalizes one batch per norm).
+    pub fn tensors(
+        &self,
+        batches: usize,
+    ) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+        let mut out: std::collections::HashMap<String, Tensor> = sorted_vars(&self.varmap)?
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().copy().expect("a CPU copy")))
+            .collect();
+        let norms: Vec<String> = out
+            .keys()
+            .filter_map(|n| n.strip_suffix(".running_mean").map(str::to_string))
+            .collect();
+        for norm in norms {
+            out.insert(
+                format!("{norm}.num_batches_tracked"),
+                Tensor::new(batches as i64, &Device::Cpu)?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn is_running_stat(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
 }
 
 fn is_norm_weight(name: &str) -> bool {
@@ -166,8 +202,15 @@ pub fn train_on(
     progress: bool,
 ) -> anyhow::Result<TrainReport> {
     let n = images.dim(0)?;
+    let net = model.net()?;
+    // Normalized once, as [n, h, w, c]: a batch is then rows of this tensor.
+    let (_, _, h, w) = images.dims4()?;
+    let inputs = Rows::from_nchw(&preprocess.forward(images)?)?
+        .t
+        .reshape((n, h, w, 3))?;
     train::train(
         model.trainable_vars()?,
+        model.buffers()?,
         n,
         config,
         checkpoint,
@@ -178,10 +221,15 @@ pub fn train_on(
                 indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
                 &Device::Cpu,
             )?;
-            let x = preprocess.forward(&images.index_select(&idx, 0)?)?;
-            let y = labels.index_select(&idx, 0)?;
-            let logits = model.classifier()?.forward(&x)?.logits;
-            cross_entropy(&logits, &y)
+            let b = indices.len();
+            let x = Rows {
+                t: inputs.index_select(&idx, 0)?.reshape((b * h * w, 3))?,
+                n: b,
+                h,
+                w,
+            };
+            let logits = net.forward(&x, true)?;
+            cross_entropy(&logits, &labels.index_select(&idx, 0)?)
         },
     )
 }
@@ -425,7 +473,8 @@ pub fn save_folder(
     out: &Path,
     record: &TrainingRecord,
 ) -> anyhow::Result<()> {
-    let tensors = model.tensors()?;
+    let batches = spec.classifier.epochs * train_config(spec).steps_per_epoch(spec.splits.train);
+    let tensors = model.tensors(batches)?;
     crate::io::write_atomically(&out.join(folder::WEIGHTS_FILE), |tmp| {
         candle_core::safetensors::save(&tensors, tmp).map_err(Into::into)
     })?;

@@ -4,6 +4,7 @@
 //! - [`spec`]: the TOML world spec and its validation;
 //! - [`render`]: the deterministic anti-aliased renderer (images, exact masks, captions);
 //! - [`splits`]: the biased train/validation splits and the balanced split;
+//! - [`net`]: the classifier in training mode (train-mode batch norm, im2col convolutions);
 //! - [`train`]: the one trainer every world model uses (seeded batches, AdamW, checkpoints);
 //! - [`classifier`]: the classifier under audit (a tiny torchvision-named ResNet) and its
 //!   per-group accuracy;
@@ -12,6 +13,7 @@
 
 pub mod classifier;
 pub mod cli;
+pub mod net;
 pub mod render;
 pub mod spec;
 pub mod splits;

@@ -86,9 +86,9 @@ impl Default for ClassifierSection {
     fn default() -> Self {
         Self {
             seed: 0,
-            epochs: 6,
+            epochs: 12,
             batch_size: 128,
-            lr: 4e-3,
+            lr: 5e-3,
             weight_decay: 1e-2,
             stem_width: 8,
             widths: [8, 16, 32, 32],

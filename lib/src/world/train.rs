@@ -182,10 +182,18 @@ impl Checkpointing {
         self.dir.join("checkpoint.safetensors")
     }
 
-    fn save(&self, opt: &AdamW, meta: &CheckpointMeta) -> anyhow::Result<()> {
+    fn save(
+        &self,
+        opt: &AdamW,
+        buffers: &[(String, Var)],
+        meta: &CheckpointMeta,
+    ) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
-        let state = opt.state();
+        let mut state = opt.state();
+        for (name, var) in buffers {
+            state.insert(format!("buffer.{name}"), var.as_tensor().clone());
+        }
         crate::io::write_atomically(&self.tensors_path(), |tmp| {
             candle_core::safetensors::save(&state, tmp).map_err(Into::into)
         })?;
@@ -196,6 +204,7 @@ impl Checkpointing {
     fn load(
         &self,
         opt: &mut AdamW,
+        buffers: &[(String, Var)],
         config: &TrainConfig,
         n: usize,
     ) -> anyhow::Result<Option<usize>> {
@@ -216,16 +225,34 @@ impl Checkpointing {
         }
         let state = candle_core::safetensors::load(self.tensors_path(), &candle_core::Device::Cpu)?;
         opt.load_state(&state, meta.step)?;
+        for (name, var) in buffers {
+            let key = format!("buffer.{name}");
+            let t = state
+                .get(&key)
+                .with_context(|| format!("checkpoint has no `{key}`"))?;
+            if t.dims() != var.dims() {
+                anyhow::bail!(
+                    "checkpoint `{key}` has shape {:?}, the model {:?}",
+                    t.dims(),
+                    var.dims()
+                )
+            }
+            var.set(t)?;
+        }
         Ok(Some(meta.step))
     }
 }
 
 /// Trains `vars` (name, variable) on `n` examples: `loss(indices)` must return the scalar loss
-/// of that batch. With `checkpoint`, resumes from its checkpoint when there is one and writes one
+/// of that batch. `buffers` are variables the loss itself updates (batch norm's running
+/// statistics): not optimized, but checkpointed and restored with the rest. With `checkpoint`,
+/// resumes from its checkpoint when there is one and writes one
 /// every `config.checkpoint_every` steps and at the end. `label` names the model on the
 /// progress bar (hidden when `progress` is false).
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     vars: Vec<(String, Var)>,
+    buffers: Vec<(String, Var)>,
     n: usize,
     config: &TrainConfig,
     checkpoint: Option<&Checkpointing>,
@@ -249,7 +276,7 @@ pub fn train(
     let per_epoch = config.steps_per_epoch(n);
     let total = per_epoch * config.epochs;
     let start = match checkpoint {
-        Some(c) => c.load(&mut opt, config, n)?.unwrap_or(0),
+        Some(c) => c.load(&mut opt, &buffers, config, n)?.unwrap_or(0),
         None => 0,
     };
     let bar = if progress {
@@ -305,6 +332,7 @@ pub fn train(
             {
                 c.save(
                     &opt,
+                    &buffers,
                     &CheckpointMeta {
                         step: done,
                         config: config.clone(),

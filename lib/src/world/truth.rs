@@ -17,9 +17,17 @@
 //!   **object share** is the fraction of its activation map (the last stage's channel `j`,
 //!   bilinearly upsampled to the image, as Salient ImageNet's neural activation maps) that lies
 //!   inside the exact object mask: `Σ map·mask / Σ map`, averaged over the images where the
-//!   channel is active. A feature is **core** when the share is at least
-//!   [`TruthConfig::core_threshold`] (0.5: most of its activation is on the object), else
-//!   **spurious**.
+//!   channel is active. Objects cover a small part of the image (14-26% in the default world),
+//!   so the share alone says little: a map spread evenly over the image has share = area. The
+//!   label compares the map's mean activation per pixel on the object with its mean per pixel
+//!   on the background, the **object density ratio**
+//!   `ρ = (share / area) / ((1 − share) / (1 − area))` (1 for a uniform map, whatever the
+//!   object's size; `area` the class's mean object area). A feature is **core** when
+//!   `ρ ≥` [`TruthConfig::core_density_ratio`] (2: at least twice as dense on the object as off
+//!   it), else **spurious**. This is Salient ImageNet's location-based criterion (is the feature
+//!   on the object?) made quantitative; like it, it labels by location, so a feature for a
+//!   planted colour or texture, which lies on the object, is core-by-location, and a planted
+//!   background gives spurious features.
 
 use candle_core::{Device, IndexOp};
 use serde::{Deserialize, Serialize};
@@ -39,8 +47,8 @@ pub struct TruthConfig {
     pub top_k: usize,
     /// Reliance or induction above this is a learned shortcut (probability units).
     pub shortcut_threshold: f64,
-    /// Object share at or above this makes a feature core.
-    pub core_threshold: f64,
+    /// An object density ratio at or above this makes a feature core.
+    pub core_density_ratio: f64,
     /// Also measure the classifier's accuracy on the validation and balanced splits.
     pub accuracy: bool,
 }
@@ -51,7 +59,7 @@ impl Default for TruthConfig {
             images_per_class: 50,
             top_k: 5,
             shortcut_threshold: 0.2,
-            core_threshold: 0.5,
+            core_density_ratio: 2.0,
             accuracy: true,
         }
     }
@@ -91,8 +99,12 @@ pub struct FeatureRow {
     /// Share of the activation map inside the object mask (NaN if never active).
     pub object_share: f64,
     /// `object_share` over the object's mean area: 1 for a map spread evenly over the image,
-    /// above 1 for one concentrated on the object (informative; the label uses the share).
+    /// above 1 for one concentrated on the object.
     pub share_over_area: f64,
+    /// Mean activation per pixel on the object over that on the background:
+    /// `(share / area) / ((1 − share) / (1 − area))`; the label compares it with
+    /// [`TruthConfig::core_density_ratio`].
+    pub object_density_ratio: f64,
     /// `core` or `spurious`.
     pub label: String,
 }
@@ -299,12 +311,14 @@ pub fn measure(
             } else {
                 mean(&shares)
             };
+            let ratio = density_ratio(share, area);
             rows.push(FeatureRow {
                 feature: j,
                 score: scores[j] as f64,
                 object_share: share,
                 share_over_area: share / area.max(1e-9),
-                label: if share >= config.core_threshold {
+                object_density_ratio: ratio,
+                label: if ratio >= config.core_density_ratio {
                     "core"
                 } else {
                     "spurious"
@@ -391,13 +405,21 @@ pub fn accuracy_markdown(accuracy: &[SplitAccuracy]) -> String {
     md
 }
 
+/// `(share / area) / ((1 − share) / (1 − area))`: how much denser a map is on the object than
+/// off it (infinite when all of it is on the object).
+pub fn density_ratio(share: f64, area: f64) -> f64 {
+    let (area, off) = (area.max(1e-9), (1.0 - area).max(1e-9));
+    (share / area) / ((1.0 - share).max(0.0) / off)
+}
+
 /// The whole ground truth as Markdown.
 pub fn markdown(truth: &Truth, spec: &WorldSpec) -> String {
     let c = &truth.config;
     let mut md = format!(
         "# ShapesWorld ground truth\n\nSpec fingerprint `{}`; {} balanced images per class; \
-         learned shortcut: reliance or induction > {}; core feature: object share ≥ {}.\n\n",
-        truth.spec_fingerprint, c.images_per_class, c.shortcut_threshold, c.core_threshold
+         learned shortcut: reliance or induction > {}; core feature: object density ratio ≥ {} \
+         (activation per pixel on the object over that on the background).\n\n",
+        truth.spec_fingerprint, c.images_per_class, c.shortcut_threshold, c.core_density_ratio
     );
     if !truth.accuracy.is_empty() {
         md.push_str("## Accuracy\n\n");
@@ -466,7 +488,7 @@ pub fn markdown(truth: &Truth, spec: &WorldSpec) -> String {
         ));
     }
     md.push_str(&format!(
-        "\n## Top-{} predictive features (Salient ImageNet) and their object share\n\n| class | object area | features (index: score, object share (share / area), label) |\n|---|---|---|\n",
+        "\n## Top-{} predictive features (Salient ImageNet) and their object share\n\n| class | object area | features (index: score, object share, density ratio ρ, label) |\n|---|---|---|\n",
         c.top_k
     ));
     for f in &truth.features {
@@ -475,11 +497,11 @@ pub fn markdown(truth: &Truth, spec: &WorldSpec) -> String {
             .iter()
             .map(|r| {
                 format!(
-                    "#{}: {:.2}, {} ({:.1}× area), {}",
+                    "#{}: {:.2}, {}, ρ {:.1}, {}",
                     r.feature,
                     r.score,
                     pct(r.object_share),
-                    r.share_over_area,
+                    r.object_density_ratio,
                     r.label
                 )
             })
