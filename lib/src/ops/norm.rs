@@ -43,12 +43,25 @@ pub fn group_norm(
         x.dtype(),
         DType::F16 | DType::BF16 | DType::F32 | DType::F64
     );
-    if GroupNormImpl::from_env()? == GroupNormImpl::Fused
-        && !tracked_params
-        && fused_dtype
-        && x.elem_count() > 0
-    {
+    let fused =
+        GroupNormImpl::from_env()? == GroupNormImpl::Fused && fused_dtype && x.elem_count() > 0;
+    if fused && !tracked_params {
         group_norm_fused(x, num_groups, weight, bias, eps)
+    } else if fused {
+        // Trainable affine: the fused normalization, then the per-channel affine in candle ops
+        // (whose autograd gives the parameters' gradients).
+        let y = group_norm_fused(x, num_groups, None, None, eps)?;
+        let shape: Vec<usize> = (0..x.rank())
+            .map(|d| if d == 1 { x.dim(1) } else { Ok(1) })
+            .collect::<Result<_>>()?;
+        let y = match weight {
+            Some(w) => y.broadcast_mul(&w.reshape(shape.as_slice())?)?,
+            None => y,
+        };
+        match bias {
+            Some(b) => y.broadcast_add(&b.reshape(shape.as_slice())?),
+            None => Ok(y),
+        }
     } else {
         group_norm_composed(x, num_groups, weight, bias, eps)
     }
