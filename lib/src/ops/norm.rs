@@ -27,9 +27,9 @@ pub fn layer_norm(
 ///
 /// Runs the fused custom ops of [`super::group_norm`] (the graph keeps only the input and the
 /// per-group statistics), unless `DIFFEXPLAINER_GROUP_NORM=composed` (see
-/// [`GroupNormImpl::from_env`]) or the weight or bias is tracked (a `Var` or derived from one):
-/// the fused backward computes only the input's gradient, so tracked parameters take
-/// [`group_norm_composed`], whose autograd covers them.
+/// [`GroupNormImpl::from_env`]). The fused backward computes only the input's gradient, so a
+/// tracked weight or bias (a `Var` or derived from one) is applied after the fused
+/// normalization in candle ops, whose autograd gives the parameters' gradients.
 pub fn group_norm(
     x: &Tensor,
     num_groups: usize,
@@ -76,7 +76,7 @@ fn check_groups(x: &Tensor, num_groups: usize) -> Result<()> {
 }
 
 /// [`group_norm`] composed from candle tensor ops in f32 (the original implementation): the
-/// reference for the fused ops' tests, and the path for tracked weight/bias.
+/// reference for the fused ops' tests and the `DIFFEXPLAINER_GROUP_NORM=composed` path.
 pub fn group_norm_composed(
     x: &Tensor,
     num_groups: usize,

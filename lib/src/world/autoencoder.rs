@@ -69,6 +69,13 @@ pub struct VaeTrainConfig {
     pub mid_block_attention: bool,
     pub reconstruction: Reconstruction,
     pub kl_weight: f64,
+    /// Write a resumable checkpoint every this many steps (and at the end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+}
+
+fn default_checkpoint_every() -> usize {
+    100
 }
 
 impl Default for VaeTrainConfig {
@@ -88,6 +95,7 @@ impl Default for VaeTrainConfig {
             mid_block_attention: true,
             reconstruction: Reconstruction::L1,
             kl_weight: 1e-6,
+            checkpoint_every: default_checkpoint_every(),
         }
     }
 }
@@ -170,7 +178,7 @@ impl VaeTrainConfig {
             lr: self.lr,
             weight_decay: self.weight_decay,
             seed: self.seed,
-            checkpoint_every: 100,
+            checkpoint_every: self.checkpoint_every,
         }
     }
 
@@ -421,9 +429,10 @@ pub struct VaeRecord {
     pub final_round_trip: Option<RoundTrip>,
 }
 
-/// Trains on `images` `[n, 3, s, s]` in `[0, 1]`. `every` steps of this call, `on_eval(step)`
-/// runs (for the round-trip curve); `step` counts from the start of training, resumed runs
-/// included.
+/// Trains on `images` `[n, 3, s, s]` in `[0, 1]`. Every `every` steps, `on_eval(step, vae)`
+/// runs before the step (snapshots, the round-trip curve); `resumed_at` is the step the
+/// checkpoint resumes from, so `step` counts from the start of training. An error from
+/// `on_eval` stops training.
 pub fn train_on(
     model: &TrainableVae,
     images: &Tensor,
@@ -437,7 +446,6 @@ pub fn train_on(
     let latent = config.latent_size(images.dim(2)?);
     let c = config.latent_channels;
     let mut step = resumed_at;
-    let mut eval_error: Option<anyhow::Error> = None;
     let report = train::train(
         model.vars()?,
         images.dim(0)?,
@@ -446,10 +454,10 @@ pub fn train_on(
         "vae",
         progress,
         |indices| {
-            if every > 0 && step > resumed_at && step % every == 0 && eval_error.is_none() {
-                if let Err(e) = on_eval(step, &model.vae) {
-                    eval_error = Some(e);
-                }
+            if every > 0 && step > resumed_at && step % every == 0 {
+                // A failed measurement stops training (the last checkpoint stays resumable).
+                on_eval(step, &model.vae)
+                    .map_err(|e| candle_core::Error::Msg(format!("at step {step}: {e:#}")))?;
             }
             step += 1;
             let idx = Tensor::new(
@@ -479,9 +487,6 @@ pub fn train_on(
             Ok(total)
         },
     )?;
-    if let Some(e) = eval_error {
-        return Err(e.context("measuring the round trip during training"));
-    }
     Ok(report)
 }
 
@@ -528,6 +533,14 @@ pub fn train_and_save(
     let ckpt_dir = train::checkpoint_dir(&dir);
     let resumed_at = checkpoint_step(&ckpt_dir);
     let checkpoint = Checkpointing { dir: ckpt_dir };
+    if eval_every > 0 {
+        // The snapshots' architecture, so they can be measured before training ends.
+        std::fs::create_dir_all(dir.join("snapshots"))?;
+        crate::io::write_bytes_atomically(
+            &dir.join("snapshots").join("config.json"),
+            &serde_json::to_vec_pretty(&config.diffusers_config(spec.image_size, 1.0))?,
+        )?;
+    }
     let mut curve = Vec::new();
     let curve_n = curve_images.min(config.eval_images);
     let curve_images_t = eval.narrow(0, 0, curve_n)?;
@@ -618,9 +631,9 @@ pub fn load_vae(dir: &Path) -> anyhow::Result<AutoencoderKL> {
         .with_context(|| format!("loading the autoencoder of {}", dir.display()))
 }
 
-/// The round trip of the trained model folder `dir` and of each snapshot in `dir/vae/snapshots/`
-/// on the first `n` held-out balanced images, in step order (the final weights last, at
-/// `final_step`).
+/// The round trip of each snapshot in `dir/vae/snapshots/` (architecture from its
+/// `config.json`) and of the trained folder `dir` (once written, at `final_step`), on the first
+/// `n` held-out balanced images, in step order.
 pub fn snapshot_curve(
     spec: &WorldSpec,
     dir: &Path,
@@ -629,7 +642,12 @@ pub fn snapshot_curve(
     final_step: usize,
 ) -> anyhow::Result<Vec<RoundTrip>> {
     checker.check_fits(spec)?;
-    let config = AutoencoderKLConfig::from_file(dir.join("vae").join("config.json"))?;
+    let snap_config = dir.join("vae").join("snapshots").join("config.json");
+    let config = AutoencoderKLConfig::from_file(if snap_config.is_file() {
+        snap_config
+    } else {
+        dir.join("vae").join("config.json")
+    })?;
     let (images, samples) = balanced_images(spec, 0, n)?;
     let labels = labels_of(&checker.heads, &samples)?;
     let mut snaps: Vec<(usize, std::path::PathBuf)> =
@@ -651,17 +669,48 @@ pub fn snapshot_curve(
     snaps.sort();
     let mut out = Vec::new();
     for (step, path) in snaps {
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu)? };
+        let vb = VarBuilder::from_tensors(
+            candle_core::safetensors::load(&path, &Device::Cpu)?,
+            DType::F32,
+            &Device::Cpu,
+        );
         let vae = AutoencoderKL::new(vb, &config)?;
         out.push(measure_round_trip(&vae, checker, &images, &labels, step)?);
     }
-    out.push(measure_round_trip(
-        &load_vae(dir)?,
-        checker,
-        &images,
-        &labels,
-        final_step,
-    )?);
+    // A run still training: its last checkpoint (parameters under `param.`).
+    let ckpt = train::checkpoint_dir(&dir.join("vae"));
+    let ckpt_step = checkpoint_step(&ckpt);
+    if ckpt_step > out.last().map_or(0, |r| r.step) {
+        let path = ckpt.join("checkpoint.safetensors");
+        let vb = VarBuilder::from_tensors(
+            candle_core::safetensors::load(&path, &Device::Cpu)?,
+            DType::F32,
+            &Device::Cpu,
+        );
+        let vae = AutoencoderKL::new(vb.pp("param"), &config)?;
+        out.push(measure_round_trip(
+            &vae, checker, &images, &labels, ckpt_step,
+        )?);
+    }
+    // The final weights, once training has written them.
+    if dir
+        .join("vae")
+        .join("diffusion_pytorch_model.safetensors")
+        .is_file()
+    {
+        out.push(measure_round_trip(
+            &load_vae(dir)?,
+            checker,
+            &images,
+            &labels,
+            final_step,
+        )?);
+    }
+    if out.is_empty() {
+        anyhow::bail!(
+            "{}: no trained weights and no snapshots to measure",
+            dir.join("vae").display()
+        )
+    }
     Ok(out)
 }

@@ -156,6 +156,7 @@ pub fn run_train_vae(a: &TrainVaeArgs) -> anyhow::Result<()> {
         mid_block_attention: !a.no_mid_block_attention,
         reconstruction: a.reconstruction,
         kl_weight: a.kl_weight,
+        ..VaeTrainConfig::default()
     };
     config.check(spec.image_size)?;
     let checker = match &a.checker {
