@@ -146,6 +146,12 @@ pub fn conv2d_no_bias(
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.config;
+        // Trainable weights: GEMM backward instead of candle's direct conv_transpose2d.
+        if super::conv_train::supported(c)
+            && (self.weight.track_op() || self.bias.as_ref().is_some_and(Tensor::track_op))
+        {
+            return super::conv_train::conv2d_trainable(x, &self.weight, self.bias.as_ref(), c);
+        }
         // Grouped convolutions keep candle's path (its conv_transpose2d has no groups).
         if c.groups != 1 || !input_only_gradient(x, &self.weight, self.bias.as_ref()) {
             return conv_forward(x, &self.weight, self.bias.as_ref(), c);

@@ -12,7 +12,7 @@
 //! Statistics and arithmetic are in f32 for f16/bf16/f32 inputs and f64 for f64 inputs, the
 //! output in the input's dtype. The weight and bias (per channel) must not be tracked: their
 //! gradients are not computed here, so [`group_norm_fused`] refuses them and
-//! [`super::group_norm`] sends tracked parameters to the composed path instead. The backward is
+//! [`super::group_norm`] applies tracked parameters after it in candle ops instead. The backward is
 //! not itself differentiable (no double backward).
 //!
 //! CPU: plain loops, one (batch, group) at a time, spread over scoped threads. CUDA: the

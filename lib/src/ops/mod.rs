@@ -16,6 +16,7 @@
 pub mod activation;
 pub mod attention;
 pub mod attention_fused;
+pub mod conv_train;
 pub mod frozen;
 pub mod group_norm;
 pub mod norm;

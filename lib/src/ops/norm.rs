@@ -27,9 +27,9 @@ pub fn layer_norm(
 ///
 /// Runs the fused custom ops of [`super::group_norm`] (the graph keeps only the input and the
 /// per-group statistics), unless `DIFFEXPLAINER_GROUP_NORM=composed` (see
-/// [`GroupNormImpl::from_env`]) or the weight or bias is tracked (a `Var` or derived from one):
-/// the fused backward computes only the input's gradient, so tracked parameters take
-/// [`group_norm_composed`], whose autograd covers them.
+/// [`GroupNormImpl::from_env`]). The fused backward computes only the input's gradient, so a
+/// tracked weight or bias (a `Var` or derived from one) is applied after the fused
+/// normalization in candle ops, whose autograd gives the parameters' gradients.
 pub fn group_norm(
     x: &Tensor,
     num_groups: usize,
@@ -43,12 +43,25 @@ pub fn group_norm(
         x.dtype(),
         DType::F16 | DType::BF16 | DType::F32 | DType::F64
     );
-    if GroupNormImpl::from_env()? == GroupNormImpl::Fused
-        && !tracked_params
-        && fused_dtype
-        && x.elem_count() > 0
-    {
+    let fused =
+        GroupNormImpl::from_env()? == GroupNormImpl::Fused && fused_dtype && x.elem_count() > 0;
+    if fused && !tracked_params {
         group_norm_fused(x, num_groups, weight, bias, eps)
+    } else if fused {
+        // Trainable affine: the fused normalization, then the per-channel affine in candle ops
+        // (whose autograd gives the parameters' gradients).
+        let y = group_norm_fused(x, num_groups, None, None, eps)?;
+        let shape: Vec<usize> = (0..x.rank())
+            .map(|d| if d == 1 { x.dim(1) } else { Ok(1) })
+            .collect::<Result<_>>()?;
+        let y = match weight {
+            Some(w) => y.broadcast_mul(&w.reshape(shape.as_slice())?)?,
+            None => y,
+        };
+        match bias {
+            Some(b) => y.broadcast_add(&b.reshape(shape.as_slice())?),
+            None => Ok(y),
+        }
     } else {
         group_norm_composed(x, num_groups, weight, bias, eps)
     }
@@ -63,7 +76,7 @@ fn check_groups(x: &Tensor, num_groups: usize) -> Result<()> {
 }
 
 /// [`group_norm`] composed from candle tensor ops in f32 (the original implementation): the
-/// reference for the fused ops' tests, and the path for tracked weight/bias.
+/// reference for the fused ops' tests and the `DIFFEXPLAINER_GROUP_NORM=composed` path.
 pub fn group_norm_composed(
     x: &Tensor,
     num_groups: usize,

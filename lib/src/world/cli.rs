@@ -28,6 +28,14 @@ pub enum WorldCommand {
     TrainClassifier(TrainArgs),
     /// Measure the ground truth of a trained classifier in the world: truth.json and truth.md.
     Truth(TruthArgs),
+    /// Train the attribute checker (shape, colour, texture, background) on balanced images and
+    /// write its folder; report its held-out accuracy per attribute.
+    TrainChecker(super::cli_models::TrainCheckerArgs),
+    /// Train the autoencoder (diffusers' AutoencoderKL) on balanced images and write a
+    /// diffusers `vae/` folder; report the checker's round-trip agreement.
+    TrainVae(super::cli_models::TrainVaeArgs),
+    /// Measure a trained autoencoder's round trip (and its snapshots') with the checker.
+    CheckVae(super::cli_models::CheckVaeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -109,6 +117,9 @@ pub fn run(args: &WorldArgs) -> anyhow::Result<()> {
         WorldCommand::Render(a) => run_render(a),
         WorldCommand::TrainClassifier(a) => run_train(a),
         WorldCommand::Truth(a) => run_truth(a),
+        WorldCommand::TrainChecker(a) => super::cli_models::run_train_checker(a),
+        WorldCommand::TrainVae(a) => super::cli_models::run_train_vae(a),
+        WorldCommand::CheckVae(a) => super::cli_models::run_check_vae(a),
     }
 }
 

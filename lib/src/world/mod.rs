@@ -9,10 +9,16 @@
 //! - [`classifier`]: the classifier under audit (a tiny torchvision-named ResNet) and its
 //!   per-group accuracy;
 //! - [`truth`]: reliance by intervention and predictive features' object shares;
-//! - [`cli`]: `diffexplainer world render | train-classifier | truth`.
+//! - [`checker`]: the attribute checker (ShapesWorld II), an independent multi-head classifier
+//!   trained on the balanced distribution that judges generated and reconstructed images;
+//! - [`autoencoder`]: diffusers' `AutoencoderKL` trained on world images (ShapesWorld II);
+//! - [`cli`]: `diffexplainer world render | train-classifier | truth | train-checker | train-vae`.
 
+pub mod autoencoder;
+pub mod checker;
 pub mod classifier;
 pub mod cli;
+mod cli_models;
 pub mod net;
 pub mod render;
 pub mod spec;
