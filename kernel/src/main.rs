@@ -2,9 +2,11 @@
 //! with evcxr, with the `diffexplainer` library preloaded.
 //!
 //! Subcommands:
-//! - `run --connection-file FILE`: serve a notebook (what `kernel.json` runs);
-//! - `install [--user | --sys-prefix | --prefix DIR] [--name NAME]`: write the kernelspec;
-//! - `warm`: compile the preloaded library into the shared build cache and print timings (CI
+//! - `run [--workspace DIR] --connection-file FILE`: serve a notebook (what `kernel.json` runs,
+//!   `--workspace` naming the installed library snapshot);
+//! - `install [--user | --sys-prefix | --prefix DIR] [--name NAME] [--source CHECKOUT]`: copy the
+//!   kernel and a snapshot of the library's sources into a kernelspec directory (`install`);
+//! - `warm [--workspace DIR]`: compile the preloaded library into the shared build cache and print timings (CI
 //!   runs it once so the first notebook cell does not pay for a cold candle build).
 //!
 //! The protocol front is ours (see `server`); evaluation is evcxr's `CommandContext` (vendored,
@@ -28,9 +30,9 @@ use anyhow::{bail, Result};
 pub const EVCXR_VERSION: &str = "0.22.0";
 
 const USAGE: &str = "usage:
-  diffexplainer-kernel run --connection-file FILE
-  diffexplainer-kernel install [--user | --sys-prefix | --prefix DIR] [--name NAME] [--display-name TEXT]
-  diffexplainer-kernel warm";
+  diffexplainer-kernel run [--workspace DIR] --connection-file FILE
+  diffexplainer-kernel install [--user | --sys-prefix | --prefix DIR] [--name NAME] [--display-name TEXT] [--source CHECKOUT]
+  diffexplainer-kernel warm [--workspace DIR]";
 
 fn main() -> Result<()> {
     // In evcxr's evaluation process (this same binary, re-executed) or its rustc wrapper, this
@@ -44,6 +46,9 @@ fn main() -> Result<()> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    if let Some(dir) = flag("--workspace") {
+        session::use_workspace(&PathBuf::from(dir))?;
+    }
     match args.first().map(String::as_str) {
         Some("run") => {
             let Some(file) = flag("--connection-file").or_else(|| flag("-f")) else {
@@ -64,8 +69,15 @@ fn main() -> Result<()> {
             let name = flag("--name").unwrap_or_else(|| install::DEFAULT_NAME.to_string());
             let display =
                 flag("--display-name").unwrap_or_else(|| "Rust (diffexplainer)".to_string());
-            let dir = install::install(&location, &name, &display)?;
-            println!("Installed kernelspec `{name}` in {}", dir.display());
+            let source = flag("--source")
+                .map(PathBuf::from)
+                .unwrap_or_else(install::default_source);
+            let dir = install::install(&location, &name, &display, &source)?;
+            println!(
+                "Installed kernelspec `{name}` in {} (compile its library once: {} warm)",
+                dir.display(),
+                dir.join(install::EXE_NAME).display()
+            );
             Ok(())
         }
         Some("warm") => warm(),

@@ -11,13 +11,36 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// The library crate the kernel preloads (its path baked in at build time; override with
-/// `DIFFEXPLAINER_LIB_PATH`).
+/// The library crate the kernel preloads: `DIFFEXPLAINER_LIB_PATH` (which `--workspace DIR` sets
+/// to `DIR/lib`), else the snapshot installed beside this executable (`install`), else the
+/// checkout it was built from (its path baked in at build time).
 pub fn lib_path() -> PathBuf {
-    match std::env::var_os("DIFFEXPLAINER_LIB_PATH") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("lib"),
+    if let Some(p) = std::env::var_os("DIFFEXPLAINER_LIB_PATH") {
+        return PathBuf::from(p);
     }
+    let installed = std::env::current_exe().ok().and_then(|exe| {
+        let lib = exe
+            .parent()?
+            .join(crate::install::WORKSPACE_DIR)
+            .join("lib");
+        lib.join("Cargo.toml").exists().then_some(lib)
+    });
+    installed.unwrap_or_else(|| crate::install::default_source().join("lib"))
+}
+
+/// `--workspace DIR`: preload the library of the snapshot (or checkout) `DIR`. Sets
+/// `DIFFEXPLAINER_LIB_PATH`, so call before any thread is started.
+pub fn use_workspace(dir: &Path) -> Result<()> {
+    let lib = dir.join("lib");
+    if !lib.join("Cargo.toml").exists() {
+        anyhow::bail!(
+            "--workspace {}: no lib/Cargo.toml there (reinstall the kernel: `diffexplainer-kernel install`)",
+            dir.display()
+        );
+    }
+    // Edition 2021: set_var is safe; no other thread exists yet.
+    std::env::set_var("DIFFEXPLAINER_LIB_PATH", lib);
+    Ok(())
 }
 
 /// The cache root: `DIFFEXPLAINER_KERNEL_CACHE`, else `~/.cache/diffexplainer-kernel`.
@@ -121,7 +144,7 @@ fn write_cargo_patch(dir: &Path) -> Result<()> {
     let vendored = lib_path().join("..").join("vendor").join("candle-core");
     let vendored = vendored.canonicalize().with_context(|| {
         format!(
-            "{}: the vendored candle-core is missing (the kernel needs the repository it was built from)",
+            "{}: the vendored candle-core is missing (reinstall the kernel: `diffexplainer-kernel install`)",
             vendored.display()
         )
     })?;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Kernel tests (called by .ci/run after the workspace tests): builds the kernel, installs its
-# kernelspec into a private virtualenv, warms evcxr's build cache, then runs
+# Kernel tests (called by .ci/run after the workspace tests): builds the kernel, installs it (its
+# kernelspec, executable and library snapshot) into a private virtualenv, warms evcxr's build
+# cache, then runs
 #   - jupyter_kernel_test (Jupyter's conformance suite),
 #   - protocol tests (signatures, display updates, interrupt, panics, compile errors),
 #   - nbclient notebook execution,
@@ -33,11 +34,18 @@ time "$VENV/bin/pip" install -q jupyter_kernel_test nbclient nbformat jupyter_cl
 # there are reused; with -p, cargo resolves the kernel alone and rebuilds the rust-analyzer
 # crates (about 7 minutes on 2 cores).
 time cargo build --release --workspace --bins
-# The kernelspec points at a copy in the venv, so that another build into a shared target dir
-# cannot swap the binary under the running tests.
-BIN="$VENV/bin/diffexplainer-kernel"
-cp "$TARGET/release/diffexplainer-kernel" "$BIN.new" && mv -f "$BIN.new" "$BIN"
-"$BIN" install --prefix "$VENV" --name "$DIFFEXPLAINER_KERNEL_NAME" --display-name "Rust (diffexplainer, test)"
+# Install as a user would, but from a temporary copy of the checkout that is deleted right after:
+# every test below then runs the installed kernel (its own copy of the executable and a snapshot
+# of the library in the kernelspec directory), and test_install.py checks nothing points back.
+# `cp -a` keeps mtimes, which the snapshot keeps too, so evcxr's cache stays fresh across runs.
+export KERNEL_INSTALL_SOURCE=$(mktemp -d)/checkout
+mkdir -p "$KERNEL_INSTALL_SOURCE/vendor"
+cp -a Cargo.toml Cargo.lock lib "$KERNEL_INSTALL_SOURCE/"
+cp -a vendor/candle-core "$KERNEL_INSTALL_SOURCE/vendor/"
+time "$TARGET/release/diffexplainer-kernel" install --prefix "$VENV" --name "$DIFFEXPLAINER_KERNEL_NAME" \
+  --display-name "Rust (diffexplainer, test)" --source "$KERNEL_INSTALL_SOURCE"
+rm -rf "$(dirname "$KERNEL_INSTALL_SOURCE")"
+BIN="$VENV/share/jupyter/kernels/$DIFFEXPLAINER_KERNEL_NAME/diffexplainer-kernel"
 
 echo "== warming evcxr's build cache (compiles the library once) =="
 time "$BIN" warm
@@ -46,7 +54,7 @@ export JUPYTER_PATH="$VENV/share/jupyter"
 export JUPYTER_PLATFORM_DIRS=1
 cd "$ROOT/tests/kernel"
 rc=0
-"$VENV/bin/python" -m unittest -v test_kernel_spec.py test_protocol.py test_cell_contract.py \
+"$VENV/bin/python" -m unittest -v test_install.py test_kernel_spec.py test_protocol.py test_cell_contract.py \
   test_output_framing.py test_notebooks.py test_rich_types.py || rc=$?
 
 if [ "${KERNEL_BROWSER_TEST:-1}" = 0 ]; then
