@@ -16,10 +16,10 @@
 //!    `t_{(1+confidence)/2, m-1} · s / √m` (`s` the sample standard deviation; 95% by default);
 //! 5. the **label**: `core` when `score − margin ≥ core_threshold`, `spurious` when
 //!    `score + margin < core_threshold`, else `uncertain` (the interval straddles the
-//!    threshold, or fewer than 2 images fired so no margin exists). The threshold, 0.5 by
-//!    default ("most of the activation is on the object"), is ShapesWorld's ground-truth rule
-//!    ([`crate::world::truth::TruthConfig::core_threshold`]), so both label alike in the limit
-//!    of many images.
+//!    threshold, or fewer than 2 images fired so no margin exists). The threshold is 0.5 by
+//!    default ("most of the activation is on the object"). ShapesWorld's ground truth labels by
+//!    the object density ratio instead ([`crate::world::truth::density_ratio`]); aligning the
+//!    two is pending (docs/spurious.md).
 
 use anyhow::bail;
 use candle_core::{DType, Tensor};
