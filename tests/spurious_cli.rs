@@ -135,7 +135,51 @@ fn bad_label_input_fails_before_writing() {
     };
     let c = classifier();
     let salient = synthetic_csv();
+    // The default world with two classes swapped: the classifier's class 3 would be measured
+    // on another class's images.
+    let swapped = temp_dir("swapped.toml");
+    let spec = diffexplainer::world::spec::DEFAULT_SPEC;
+    let classes = r#"classes = ["circle", "square", "triangle", "star", "heart", "cross"]"#;
+    assert!(
+        spec.contains(classes),
+        "the default spec's class line changed"
+    );
+    std::fs::write(
+        &swapped,
+        spec.replace(
+            classes,
+            r#"classes = ["circle", "square", "triangle", "heart", "star", "cross"]"#,
+        ),
+    )
+    .unwrap();
+    let swapped_path = swapped.to_str().unwrap().to_string();
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec![
+                "--classifier",
+                &c,
+                "--class",
+                "3",
+                "--top-k",
+                "2",
+                "--world",
+                &swapped_path,
+            ],
+            vec!["are not the world's", "--world"],
+        ),
+        (
+            vec![
+                "--classifier",
+                &c,
+                "--class",
+                "1",
+                "--features",
+                "3",
+                "--images-per-class",
+                "5",
+            ],
+            vec!["--images-per-class has no effect without --top-k"],
+        ),
         (
             vec!["--classifier", &c, "--class", "1", "--features", "3,99"],
             vec!["feature 99", "32 penultimate"],

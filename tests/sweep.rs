@@ -132,6 +132,31 @@ fn a_sweep_killed_midway_and_resumed_equals_an_uninterrupted_one() {
     let (_, unfinished) = merge(&[&dir]).unwrap();
     assert_eq!(unfinished, vec![killed]);
 
+    // ...and a cancel (Ctrl-C) during the fourth: its record is cut short, so it gets no marker
+    // and the sweep stops there.
+    let cancel = CancelToken::new();
+    let cancelled = run_sweep(
+        &pipeline,
+        &settings(),
+        &jobs(),
+        &dir,
+        None,
+        &cancel,
+        |_, i| {
+            if i == 3 {
+                cancel.cancel()
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(cancelled.redone, [jobs()[2].name()]);
+    assert_eq!(cancelled.ran, [jobs()[2].name()]);
+    assert_eq!(cancelled.interrupted, Some(jobs()[3].name()));
+    assert!(!dir.join(jobs()[3].name()).join(FINISHED_FILE).exists());
+    assert!(!dir.join(jobs()[4].name()).exists());
+    // Back to the state of a kill during the third job.
+    std::fs::remove_file(dir.join(jobs()[2].name()).join(FINISHED_FILE)).unwrap();
+
     let resumed = run_sweep(
         &pipeline,
         &settings(),
@@ -143,7 +168,7 @@ fn a_sweep_killed_midway_and_resumed_equals_an_uninterrupted_one() {
     )
     .unwrap();
     assert_eq!(resumed.skipped, first.ran);
-    assert_eq!(resumed.redone, [jobs()[2].name()]);
+    assert_eq!(resumed.redone, [jobs()[2].name(), jobs()[3].name()]);
     assert_eq!(resumed.ran.len(), 3);
     for job in jobs() {
         assert!(dir.join(job.name()).join(FINISHED_FILE).is_file());
@@ -321,6 +346,14 @@ fn the_cli_refuses_bad_input_before_writing_and_merges() {
             "unknown step noise",
         ),
         (vec!["--list", l], "--out DIR is required"),
+        (
+            vec!["--list", l, "--out", o, "--with-class-features"],
+            "apply to --salient-imagenet jobs",
+        ),
+        (
+            vec!["--list", l, "--out", o, "--salient-jobs", "pairs"],
+            "apply to --salient-imagenet jobs",
+        ),
     ] {
         let r = run(&args);
         let stderr = String::from_utf8_lossy(&r.stderr);

@@ -289,3 +289,22 @@ fn train_classifier_then_truth_on_a_tiny_world() {
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `check-vae` measures on held-out images only: a count reaching into the images the checker
+/// and the autoencoder train on is refused before any model is read.
+#[test]
+fn check_vae_refuses_images_beyond_the_held_out_range() {
+    let o = run(&[
+        "world",
+        "check-vae",
+        "--model",
+        "/nonexistent-model",
+        "--checker",
+        "/nonexistent-checker",
+        "--images",
+        "1300",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--images 1300: at most 1200"), "{err}");
+}

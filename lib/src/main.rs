@@ -1181,6 +1181,12 @@ fn sweep(args: &SweepRunArgs) -> anyhow::Result<()> {
     if args.with_class_features && args.salient_jobs.as_deref() == Some("pairs") {
         anyhow::bail!("--with-class-features adds features to class jobs; pair jobs have none")
     }
+    if args.list.is_some() && (args.with_class_features || args.salient_jobs.is_some()) {
+        anyhow::bail!(
+            "--with-class-features and --salient-jobs apply to --salient-imagenet jobs; a --list \
+             says each job itself (CLASS or CLASS,FEATURE lines)"
+        )
+    }
     let jobs = match (&args.list, &args.salient_imagenet) {
         (Some(list), None) => read_job_list(list)?,
         (None, Some(csv)) => {
@@ -1259,6 +1265,11 @@ fn sweep(args: &SweepRunArgs) -> anyhow::Result<()> {
         report.redone.len(),
         total - report.ran.len() - report.skipped.len()
     );
+    if let Some(job) = &report.interrupted {
+        eprintln!("{job}: interrupted; it has no FINISHED marker and is redone on the next start");
+        // As `explain`: an interrupted run exits 128 + SIGINT, so scripts stop here.
+        std::process::exit(130);
+    }
     Ok(())
 }
 

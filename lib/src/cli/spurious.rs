@@ -58,9 +58,9 @@ pub struct LabelArgs {
     /// world).
     #[arg(long, requires = "top_k")]
     world: Option<PathBuf>,
-    /// Balanced world images of the class --top-k measures on.
-    #[arg(long, requires = "top_k", default_value_t = 50)]
-    images_per_class: usize,
+    /// Balanced world images of the class --top-k measures on (default 50).
+    #[arg(long)]
+    images_per_class: Option<usize>,
     /// The segmenter: a CLIPSeg folder (config.json + model.safetensors, e.g. a snapshot of
     /// CIDAS/clipseg-rd64-refined), or `tiny` (random weights: for trying the command only,
     /// its masks mean nothing).
@@ -149,6 +149,11 @@ fn label(args: &LabelArgs) -> anyhow::Result<()> {
             "say which features to label: --features I,J,..., --salient-csv FILE or --top-k K"
         )
     }
+    // clap's `requires` is not checked for an argument with a default, so this one is checked
+    // here: without --top-k no world images are measured and the value would do nothing.
+    if args.images_per_class.is_some() && args.top_k.is_none() {
+        anyhow::bail!("--images-per-class has no effect without --top-k (it sets how many world images measure the top-k features)")
+    }
     let salient = match &args.salient_csv {
         Some(path) => Some(SalientImagenet::from_path(path)?),
         None => None,
@@ -164,6 +169,18 @@ fn label(args: &LabelArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    // The world's images are labelled by the world's class order: another order (or other
+    // names) would measure class c's features on another class's images.
+    if let Some(w) = &world {
+        if !folder_names.is_empty() && folder_names != w.classes {
+            anyhow::bail!(
+                "--top-k: the classifier's classes {:?} are not the world's {:?}: give the spec \
+                 the classifier was trained on (--world)",
+                folder_names,
+                w.classes
+            )
+        }
+    }
 
     let segmenter = load_segmenter(&args.segmenter, &device)?;
     let bundle = ModelBundle::load(&spec, &device)?;
@@ -207,7 +224,13 @@ fn label(args: &LabelArgs) -> anyhow::Result<()> {
     } else {
         let k = args.top_k.expect("one source is given");
         let world = world.as_ref().expect("read with --top-k");
-        top_k_on_world(&bundle, world, args.class, k, args.images_per_class)?
+        top_k_on_world(
+            &bundle,
+            world,
+            args.class,
+            k,
+            args.images_per_class.unwrap_or(50),
+        )?
     };
 
     let pipeline = DiffusionPipeline::new(

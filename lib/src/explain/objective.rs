@@ -148,7 +148,7 @@ impl Term {
                 {
                     candle_core::bail!(
                         "feature index {dup} is given twice (at positions {} and {}): each \
-                         feature counts once in the mean",
+                         feature counts once",
                         indices.iter().position(|&i| i == dup).unwrap() + 1,
                         k + 1
                     )

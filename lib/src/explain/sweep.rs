@@ -288,6 +288,8 @@ pub struct SweepReport {
     pub skipped: Vec<String>,
     /// Unfinished folders removed and redone.
     pub redone: Vec<String>,
+    /// The job a cancel stopped midway: left without its marker, so the next start redoes it.
+    pub interrupted: Option<String>,
 }
 
 /// Runs `jobs` into `out` (skipping finished ones, redoing unfinished ones), at most
@@ -326,7 +328,7 @@ pub fn run_sweep(
         let config = settings.job_config(pipeline, job);
         let mut prompt =
             pipeline.new_prompt(&settings.template, settings.num_vectors, &settings.init)?;
-        run_recorded(
+        let result = run_recorded(
             &dir,
             pipeline,
             &mut prompt,
@@ -334,8 +336,14 @@ pub fn run_sweep(
             cancel,
             settings.top_k,
             |_| {},
-        )
-        .with_context(|| format!("job {}", job.name()))?;
+        );
+        // A cancelled job's record is complete but cut short: it must not count as finished,
+        // or a resumed sweep would skip it and the table would hold the partial result.
+        if cancel.is_cancelled() {
+            report.interrupted = Some(job.name());
+            break;
+        }
+        result.with_context(|| format!("job {}", job.name()))?;
         crate::io::write_bytes_atomically(&dir.join(FINISHED_FILE), b"")?;
         report.ran.push(job.name());
     }

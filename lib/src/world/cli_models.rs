@@ -223,6 +223,16 @@ pub fn run_check_vae(a: &CheckVaeArgs) -> anyhow::Result<()> {
     if a.images == 0 {
         anyhow::bail!("--images 0: nothing to measure")
     }
+    // The checker and the autoencoder train on balanced indices from at least the balanced
+    // split's size on (`train_start`), so only indices below it are held out for both.
+    if a.images > spec.splits.balanced {
+        anyhow::bail!(
+            "--images {}: at most {} (the spec's balanced split, splits.balanced): later balanced \
+             images are the ones the checker and the autoencoder train on",
+            a.images,
+            spec.splits.balanced
+        )
+    }
     let checker = checker::load_checker(&a.checker)?;
     checker
         .check_fits(&spec)
