@@ -440,9 +440,6 @@ fn save_folder(
 ) -> anyhow::Result<()> {
     // No batch was normalized with batch statistics (see `train`): num_batches_tracked = 0.
     let tensors = model.tensors(0)?;
-    crate::io::write_atomically(&out.join(folder::WEIGHTS_FILE), |tmp| {
-        candle_core::safetensors::save(&tensors, tmp).map_err(Into::into)
-    })?;
     let folder_config = ClassifierFolderConfig {
         architecture: "resnet".to_string(),
         config: serde_json::to_value(config.resnet_config(heads))?,
@@ -462,10 +459,7 @@ fn save_folder(
             "threads": record.threads,
         }),
     };
-    crate::io::write_bytes_atomically(
-        &out.join(folder::CONFIG_FILE),
-        &serde_json::to_vec_pretty(&folder_config)?,
-    )?;
+    folder_config.save(out, &tensors)?;
     crate::io::write_bytes_atomically(
         &out.join("report.json"),
         &serde_json::to_vec_pretty(record)?,

@@ -475,9 +475,6 @@ pub fn save_folder(
 ) -> anyhow::Result<()> {
     let batches = spec.classifier.epochs * train_config(spec).steps_per_epoch(spec.splits.train);
     let tensors = model.tensors(batches)?;
-    crate::io::write_atomically(&out.join(folder::WEIGHTS_FILE), |tmp| {
-        candle_core::safetensors::save(&tensors, tmp).map_err(Into::into)
-    })?;
     let config = ClassifierFolderConfig {
         architecture: "resnet".to_string(),
         config: serde_json::to_value(resnet_config(spec))?,
@@ -492,10 +489,7 @@ pub fn save_folder(
             "threads": record.threads,
         }),
     };
-    crate::io::write_bytes_atomically(
-        &out.join(folder::CONFIG_FILE),
-        &serde_json::to_vec_pretty(&config)?,
-    )?;
+    config.save(out, &tensors)?;
     crate::io::write_bytes_atomically(
         &out.join("report.json"),
         &serde_json::to_vec_pretty(record)?,

@@ -88,6 +88,21 @@ impl ClassifierFolderConfig {
     }
 }
 
+impl ClassifierFolderConfig {
+    /// Writes a classifier folder (the inverse of [`Classifier::from_dir`]): `tensors` as
+    /// `model.safetensors` (torchvision names), then this `config.json`, each atomically.
+    pub fn save(
+        &self,
+        dir: &Path,
+        tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+    ) -> anyhow::Result<()> {
+        crate::io::write_atomically(&dir.join(WEIGHTS_FILE), |tmp| {
+            candle_core::safetensors::save(tensors, tmp).map_err(Into::into)
+        })?;
+        crate::io::write_bytes_atomically(&dir.join(CONFIG_FILE), &serde_json::to_vec_pretty(self)?)
+    }
+}
+
 /// Whether `dir` looks like a classifier folder (has a `config.json`).
 pub fn is_classifier_folder(dir: &Path) -> bool {
     dir.is_dir() && dir.join(CONFIG_FILE).is_file()
