@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::classifier::{cross_entropy, Accuracy, Trainable};
+use super::net::Rows;
 use super::render;
 use super::spec::WorldSpec;
 use super::splits::{images_tensor, sample, Sample, Split};
@@ -345,10 +346,15 @@ pub fn train_on(
     progress: bool,
 ) -> anyhow::Result<TrainReport> {
     let n = images.dim(0)?;
+    // The same training-mode network as the classifier under audit (`world::net`): batch
+    // statistics in training, torchvision's running statistics saved for inference.
+    let net = model.net()?;
+    let (_, _, h, w) = images.dims4()?;
+    let inputs = Rows::from_nchw(&preprocess.forward(images)?)?
+        .t
+        .reshape((n, h, w, 3))?;
     train::train(
         model.trainable_vars()?,
-        // Trained over fixed running statistics (the inference network), so they stay as they
-        // are; passed so checkpoints hold the whole model.
         model.buffers()?,
         n,
         config,
@@ -360,10 +366,15 @@ pub fn train_on(
                 indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
                 &Device::Cpu,
             )?;
-            let x = preprocess.forward(&images.index_select(&idx, 0)?)?;
-            let y = labels.index_select(&idx, 0)?;
-            let logits = model.classifier()?.forward(&x)?.logits;
-            multi_head_loss(heads, &logits, &y)
+            let b = indices.len();
+            let x = Rows {
+                t: inputs.index_select(&idx, 0)?.reshape((b * h * w, 3))?,
+                n: b,
+                h,
+                w,
+            };
+            let logits = net.forward(&x, true)?;
+            multi_head_loss(heads, &logits, &labels.index_select(&idx, 0)?)
         },
     )
 }

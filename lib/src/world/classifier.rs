@@ -23,8 +23,8 @@ use super::spec::WorldSpec;
 use super::splits::{Dataset, Sample, Split};
 use super::train::{self, Checkpointing, TrainConfig, TrainReport};
 use crate::models::classifiers::{
-    folder, BlockKind, Classifier, ClassifierConfig, ClassifierFolderConfig, Normalization,
-    Preprocess, ResNetConfig, Stem,
+    BlockKind, Classifier, ClassifierConfig, ClassifierFolderConfig, Normalization, Preprocess,
+    ResNetConfig, Stem,
 };
 use crate::rng::SeededRng;
 

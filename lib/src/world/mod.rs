@@ -9,6 +9,7 @@
 //! - [`classifier`]: the classifier under audit (a tiny torchvision-named ResNet) and its
 //!   per-group accuracy;
 //! - [`truth`]: reliance by intervention and predictive features' object shares;
+//! - [`heldout`]: the (shape, colour, background) combinations the generative models never see;
 //! - [`checker`]: the attribute checker (ShapesWorld II), an independent multi-head classifier
 //!   trained on the balanced distribution that judges generated and reconstructed images;
 //! - [`autoencoder`]: diffusers' `AutoencoderKL` trained on world images (ShapesWorld II);
@@ -19,6 +20,7 @@ pub mod checker;
 pub mod classifier;
 pub mod cli;
 mod cli_models;
+pub mod heldout;
 pub mod net;
 pub mod render;
 pub mod spec;
