@@ -13,6 +13,7 @@
 //! - [`checker`]: the attribute checker (ShapesWorld II), an independent multi-head classifier
 //!   trained on the balanced distribution that judges generated and reconstructed images;
 //! - [`autoencoder`]: diffusers' `AutoencoderKL` trained on world images (ShapesWorld II);
+//! - [`train_all`]: `world train`, every model of a world from one spec, resumable;
 //! - [`cli`]: `diffexplainer world render | train-classifier | truth | train-checker | train-vae`.
 
 pub mod autoencoder;
@@ -26,6 +27,7 @@ pub mod render;
 pub mod spec;
 pub mod splits;
 pub mod train;
+pub mod train_all;
 pub mod truth;
 
 pub use spec::WorldSpec;
