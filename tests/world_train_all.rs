@@ -50,6 +50,18 @@ fn trains_every_model_then_a_rerun_skips_them() {
         );
     }
     assert_eq!(WorldSpec::from_file(spec_path(&out)).unwrap(), spec);
+    // Model files get the mode any new file gets (the safetensors crate makes them 0600).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let plain = dir.join("plain.txt");
+        std::fs::write(&plain, "x").unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for m in WorldModel::ALL {
+            let weights = m.dir(&out).join("model.safetensors");
+            assert_eq!(mode(&weights), mode(&plain), "{}", weights.display());
+        }
+    }
     let checker_weights =
         std::fs::read(WorldModel::Checker.dir(&out).join("model.safetensors")).unwrap();
 

@@ -284,6 +284,7 @@ fn save_png(path: &Path, img: &image::RgbImage) -> anyhow::Result<()> {
 
 fn run_train(a: &TrainArgs) -> anyhow::Result<()> {
     let spec = a.spec.load()?;
+    super::train_all::refuse_finished(&a.out)?;
     eprintln!(
         "training the classifier under audit on {} biased images ({} threads)",
         spec.splits.train,

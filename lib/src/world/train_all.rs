@@ -97,6 +97,19 @@ pub fn claim_folder(spec: &WorldSpec, out: &Path) -> anyhow::Result<()> {
     crate::io::write_bytes_atomically(&path, text.as_bytes())
 }
 
+/// Refuses to train into a folder holding a finished model (`report.json`): retraining would
+/// leave files measured on the old weights beside the new ones.
+pub fn refuse_finished(dir: &Path) -> anyhow::Result<()> {
+    if dir.join("report.json").exists() {
+        anyhow::bail!(
+            "{}: already holds a trained model (report.json); remove the folder or give another \
+             --out",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn read_report(dir: &Path) -> anyhow::Result<Option<serde_json::Value>> {
     let path = dir.join("report.json");
     if !path.exists() {
