@@ -67,6 +67,7 @@ fn tiny() -> UnetTrainConfig {
         batch_size: 16,
         lr: 3e-3,
         block_out_channels: vec![8, 16],
+        down_block_types: vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into()],
         attention_head_dim: 2,
         norm_num_groups: 4,
         checkpoint_every: 4,

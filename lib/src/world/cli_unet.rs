@@ -135,13 +135,14 @@ pub fn run_train_unet(a: &TrainUnetArgs) -> anyhow::Result<()> {
     let record = diffusion::train_and_save_with(&spec, &config, &inputs, &eval, &a.out, !a.quiet)?;
     println!(
         "trained in {:.1} s ({} parameters, {} images, {} held-out skipped, {} captions; \
-         encoding {:.1} s); epoch losses {:?}; wrote {}",
+         encoding {:.1} s; latent std {:.3}); epoch losses {:?}; wrote {}",
         record.seconds,
         record.parameters,
         record.train_images,
         record.skipped_heldout,
         record.distinct_captions,
         record.encode_seconds,
+        record.latent_std,
         record.epoch_losses,
         a.out.join("diffusion").display()
     );

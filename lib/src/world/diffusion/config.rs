@@ -72,8 +72,15 @@ impl Default for UnetTrainConfig {
             lr: 1e-3,
             weight_decay: 0.0,
             checkpoint_every: 100,
-            block_out_channels: vec![32, 64],
-            down_block_types: vec!["CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into()],
+            block_out_channels: vec![32, 64, 64],
+            // No attention at the latents' full resolution (16×16 for the default autoencoder):
+            // it costs half the step there; shape, colour and background are read by the two
+            // coarser levels and the mid block.
+            down_block_types: vec![
+                "DownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+            ],
             layers_per_block: 1,
             attention_head_dim: 4,
             norm_num_groups: 8,

@@ -102,6 +102,9 @@ pub struct UnetRecord {
     pub train_images: usize,
     pub skipped_heldout: usize,
     pub distinct_captions: usize,
+    /// Standard deviation of the scaled training latents (about 1 when the autoencoder's
+    /// `scaling_factor` is set as SD's).
+    pub latent_std: f64,
     pub threads: usize,
     pub encode_seconds: f64,
     pub epoch_losses: Vec<f32>,
@@ -233,6 +236,14 @@ pub fn train_and_save_with(
         &loaded.text,
     )?;
     let encode_seconds = t0.elapsed().as_secs_f64();
+    if progress {
+        eprintln!(
+            "{} latents ({} held-out images skipped), {} distinct captions, in {encode_seconds:.1} s",
+            set.len(),
+            set.skipped_heldout,
+            set.captions.len()
+        );
+    }
     let latent_channels = set.latents.dim(1)?;
     let width = loaded.text.width();
     let model_config = config.model_config_for(loaded.latent_size, latent_channels, width)?;
@@ -328,6 +339,13 @@ pub fn train_and_save_with(
         train_images: set.len(),
         skipped_heldout: set.skipped_heldout,
         distinct_captions: set.captions.len(),
+        latent_std: set
+            .latents
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .var(0)?
+            .to_scalar::<f64>()?
+            .sqrt(),
         threads: candle_core::utils::get_num_threads(),
         encode_seconds,
         epoch_losses: report.epoch_losses,

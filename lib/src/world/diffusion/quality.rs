@@ -110,11 +110,23 @@ pub fn generate(
         cond.dtype(),
         &Device::Cpu,
     )?;
+    generate_from(unet, vae, scheduler, cond, &noise, steps)
+}
+
+/// As [`generate`], from the initial latents `noise` `[n, c, h, w]`.
+pub fn generate_from(
+    unet: &UNet2DConditionModel,
+    vae: &AutoencoderKL,
+    scheduler: &SchedulerConfig,
+    cond: &Tensor,
+    noise: &Tensor,
+    steps: usize,
+) -> anyhow::Result<Tensor> {
     let mut ddim = DdimScheduler::new(scheduler)?;
     let latents = sample(
         &mut ddim,
         |x, t, c| unet.forward(x, t, c),
-        &noise,
+        noise,
         cond,
         &SamplerOptions::new(steps),
     )?
@@ -211,22 +223,40 @@ impl Judge<'_> {
         for prompts in &templates {
             let captions: Vec<String> = prompts.iter().map(|p| p.caption.clone()).collect();
             let states = self.text.encode(&captions)?;
+            // Each prompt's noise from its own seed; sampled in batches of up to 64 images.
+            let c = unet.config.in_channels;
+            let s = self.latent_size;
+            let mut noises = Vec::new();
+            let mut conds = Vec::new();
+            for p in 0..prompts.len() {
+                noises.push(
+                    SeededRng::new(seed.wrapping_add(prompt_no.wrapping_mul(0x9E37_79B9))).normal(
+                        (per_prompt, c, s, s),
+                        candle_core::DType::F32,
+                        &Device::Cpu,
+                    )?,
+                );
+                conds.push(
+                    states
+                        .narrow(0, p, 1)?
+                        .broadcast_as((per_prompt, states.dim(1)?, states.dim(2)?))?
+                        .contiguous()?,
+                );
+                prompt_no += 1;
+            }
+            let (noise, cond) = (Tensor::cat(&noises, 0)?, Tensor::cat(&conds, 0)?);
+            let total = noise.dim(0)?;
             let mut images = Vec::new();
-            for (p, _) in prompts.iter().enumerate() {
-                let cond = states
-                    .narrow(0, p, 1)?
-                    .broadcast_as((per_prompt, states.dim(1)?, states.dim(2)?))?
-                    .contiguous()?;
-                images.push(generate(
+            for start in (0..total).step_by(64) {
+                let len = 64.min(total - start);
+                images.push(generate_from(
                     unet,
                     self.vae,
                     &self.scheduler,
-                    &cond,
-                    self.latent_size,
+                    &cond.narrow(0, start, len)?,
+                    &noise.narrow(0, start, len)?,
                     steps,
-                    seed.wrapping_add(prompt_no.wrapping_mul(0x9E37_79B9)),
                 )?);
-                prompt_no += 1;
             }
             let images = Tensor::cat(&images, 0)?;
             let read = self.checker.read(&images)?;
