@@ -247,8 +247,13 @@ pub fn run_check_unet(a: &CheckUnetArgs) -> anyhow::Result<()> {
         }
         if let (0, Some(dir)) = (i, &a.grids) {
             for (t, images) in q.templates.iter().zip(&grids) {
-                let path = dir.join(format!("{}.png", quality::template_slug(&t.template)));
-                quality::save_grid(&path, images, a.samples_per_prompt)?;
+                quality::save_template_grid(
+                    dir,
+                    &t.template,
+                    &t.captions,
+                    images,
+                    a.samples_per_prompt,
+                )?;
             }
             println!("wrote the sample grids to {}", dir.display());
         }

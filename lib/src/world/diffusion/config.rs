@@ -140,7 +140,7 @@ impl UnetTrainConfig {
                 self.down_block_types
             )
         }
-        if latent_size == 0 || latent_size % (1 << (n - 1)) != 0 {
+        if latent_size == 0 || !latent_size.is_multiple_of(1 << (n - 1)) {
             anyhow::bail!(
                 "unet config: block_out_channels = {:?}: {n} blocks halve the latents {} times, \
                  but the latent side {latent_size} is not divisible by {}",

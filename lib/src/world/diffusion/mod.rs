@@ -135,7 +135,7 @@ fn load_inputs(
     let vae = data::load_vae(&vae_root)?;
     let text = TextConditioning::load(&text_root)?;
     let f = 1usize << (vae.config.block_out_channels.len() - 1);
-    if spec.image_size % f != 0 {
+    if !spec.image_size.is_multiple_of(f) {
         anyhow::bail!(
             "{}: the autoencoder halves images {} times; the spec's {}-pixel side is not \
              divisible by {f}",
@@ -317,10 +317,13 @@ pub fn train_and_save_with(
             }
             if steps == config.inference_steps {
                 for (t, images) in q.templates.iter().zip(&grids) {
-                    let path = dir
-                        .join("samples")
-                        .join(format!("{}.png", quality::template_slug(&t.template)));
-                    quality::save_grid(&path, images, eval.samples_per_prompt)?;
+                    quality::save_template_grid(
+                        &dir.join("samples"),
+                        &t.template,
+                        &t.captions,
+                        images,
+                        eval.samples_per_prompt,
+                    )?;
                 }
             }
             final_quality.push(q);

@@ -139,7 +139,8 @@ pub fn generate_from(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TemplateQuality {
     pub template: String,
-    pub prompts: usize,
+    /// The held-out captions, in sampling (and grid) order.
+    pub captions: Vec<String>,
     pub images: usize,
     pub scores: Vec<(String, Accuracy)>,
 }
@@ -288,13 +289,13 @@ impl Judge<'_> {
                         o.correct += acc.correct;
                         o.total += acc.total;
                     }
-                    None => overall.push((attribute.to_string(), acc.clone())),
+                    None => overall.push((attribute.to_string(), acc)),
                 }
                 scores.push((attribute.to_string(), acc));
             }
             out.push(TemplateQuality {
                 template: template.clone(),
-                prompts: prompts.len(),
+                captions: prompts.iter().map(|p| p.caption.clone()).collect(),
                 images: images.dim(0)?,
                 scores,
             });
@@ -313,17 +314,24 @@ impl Judge<'_> {
     }
 }
 
-/// Writes `images` `[rows · cols, 3, s, s]` (row-major) as one PNG grid.
-pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> anyhow::Result<()> {
-    let (n, _, _, _) = images.dims4()?;
-    let rows = n / cols.max(1);
-    if rows == 0 {
-        anyhow::bail!("save_grid: {n} images for {cols} columns")
+/// Writes `images` `[prompts · per_prompt, 3, s, s]` (prompt-major) as one PNG grid: each
+/// prompt's images side by side, as many prompts per row as fit in 8 columns, the last row
+/// padded with white.
+pub fn save_grid(path: &Path, images: &Tensor, per_prompt: usize) -> anyhow::Result<()> {
+    let (n, c, h, w) = images.dims4()?;
+    if per_prompt == 0 || n == 0 || n % per_prompt != 0 {
+        anyhow::bail!("save_grid: {n} images for {per_prompt} per prompt")
     }
+    let cols = per_prompt * (8 / per_prompt).max(1);
+    let rows = n.div_ceil(cols);
+    let white = Tensor::ones((c, h, w), images.dtype(), images.device())?;
     let row_images = (0..rows)
         .map(|r| {
             let row: Vec<Tensor> = (0..cols)
-                .map(|c| images.get(r * cols + c))
+                .map(|k| match r * cols + k {
+                    i if i < n => images.get(i),
+                    _ => Ok(white.clone()),
+                })
                 .collect::<candle_core::Result<_>>()?;
             Tensor::cat(&row, 2)
         })
@@ -333,6 +341,27 @@ pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> anyhow::Result<()
         std::fs::create_dir_all(dir)?;
     }
     crate::explain::record::save_png(path, &grid)
+}
+
+/// Writes a template's grid (`<slug>.png`) and its captions in grid order (`<slug>.txt`) to
+/// `dir`.
+pub fn save_template_grid(
+    dir: &Path,
+    template: &str,
+    prompts: &[String],
+    images: &Tensor,
+    per_prompt: usize,
+) -> anyhow::Result<()> {
+    let slug = template_slug(template);
+    save_grid(&dir.join(format!("{slug}.png")), images, per_prompt)?;
+    let per_row = (8 / per_prompt).max(1);
+    let mut text =
+        format!("{template}: {per_prompt} image(s) per caption, {per_row} caption(s) per row\n");
+    for p in prompts {
+        text.push_str(p);
+        text.push('\n');
+    }
+    crate::io::write_bytes_atomically(&dir.join(format!("{slug}.txt")), text.as_bytes())
 }
 
 /// A file name for a template (`a_color_shape_background`).

@@ -206,7 +206,7 @@ pub fn train_on(
         "unet",
         progress,
         |indices| {
-            if every > 0 && step > resumed_at && step % every == 0 {
+            if every > 0 && step > resumed_at && step.is_multiple_of(every) {
                 on_eval(step, &model.unet)
                     .map_err(|e| candle_core::Error::Msg(format!("at step {step}: {e:#}")))?;
             }
