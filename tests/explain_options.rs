@@ -784,7 +784,10 @@ fn the_sd14_lcm_preset_names_the_missing_weights() {
         stderr.contains("huggingface-cli download latent-consistency/lcm-lora-sdv1-5 pytorch_lora_weights.safetensors"),
         "{stderr}"
     );
-    assert!(stderr.contains(&format!("into: {}", dir.join("hf").join("hub").display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("into: {}", dir.join("hf").join("hub").display())),
+        "{stderr}"
+    );
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -798,7 +801,13 @@ fn a_real_model_set_names_every_missing_download_at_once() {
     let r = std::process::Command::new(bin)
         .env("HF_HOME", dir.join("hf"))
         .env("TORCH_HOME", dir.join("torch"))
-        .args(["explain", "--preset", "sd15-lcm", "--classifier", "resnet50"])
+        .args([
+            "explain",
+            "--preset",
+            "sd15-lcm",
+            "--classifier",
+            "resnet50",
+        ])
         .args(["--class", "1", "--out", out.to_str().unwrap()])
         .output()
         .unwrap();

@@ -40,6 +40,14 @@ pub enum WorldCommand {
     TrainVae(super::cli_models::TrainVaeArgs),
     /// Measure a trained autoencoder's round trip (and its snapshots') with the checker.
     CheckVae(super::cli_models::CheckVaeArgs),
+    /// Train the text-to-image UNet (diffusers' UNet2DConditionModel) on the trained
+    /// autoencoder's latents, conditioned on the trained CLIP text tower; write the diffusers
+    /// unet/, scheduler/ and model_index.json; report the checker's reading of samples of
+    /// held-out captions.
+    TrainUnet(super::cli_unet::TrainUnetArgs),
+    /// Measure a trained UNet (and its snapshots) on held-out captions with the checker;
+    /// write sample grids.
+    CheckUnet(super::cli_unet::CheckUnetArgs),
 }
 
 #[derive(Args, Debug)]
@@ -140,6 +148,8 @@ pub fn run(args: &WorldArgs) -> anyhow::Result<()> {
         WorldCommand::TrainChecker(a) => super::cli_models::run_train_checker(a),
         WorldCommand::TrainVae(a) => super::cli_models::run_train_vae(a),
         WorldCommand::CheckVae(a) => super::cli_models::run_check_vae(a),
+        WorldCommand::TrainUnet(a) => super::cli_unet::run_train_unet(a),
+        WorldCommand::CheckUnet(a) => super::cli_unet::run_check_unet(a),
     }
 }
 

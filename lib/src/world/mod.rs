@@ -14,13 +14,18 @@
 //!   trained on the balanced distribution that judges generated and reconstructed images;
 //! - [`autoencoder`]: diffusers' `AutoencoderKL` trained on world images (ShapesWorld II);
 //! - [`train_all`]: `world train`, every model of a world from one spec, resumable;
-//! - [`cli`]: `diffexplainer world render | train-classifier | truth | train-checker | train-vae`.
+//! - [`diffusion`]: diffusers' `UNet2DConditionModel` trained on the autoencoder's latents,
+//!   conditioned on the CLIP text tower (ShapesWorld II);
+//! - [`cli`]: `diffexplainer world train | render | train-classifier | truth | train-checker | train-vae
+//!   | train-unet | check-unet`.
 
 pub mod autoencoder;
 pub mod checker;
 pub mod classifier;
 pub mod cli;
 mod cli_models;
+mod cli_unet;
+pub mod diffusion;
 pub mod heldout;
 pub mod net;
 pub mod render;
