@@ -36,6 +36,9 @@ pub enum WorldCommand {
     TrainVae(super::cli_models::TrainVaeArgs),
     /// Measure a trained autoencoder's round trip (and its snapshots') with the checker.
     CheckVae(super::cli_models::CheckVaeArgs),
+    /// Train CLIP's text and vision towers contrastively on (image, caption) pairs and write
+    /// the tokenizer/, text_encoder/ and image_encoder/ folders; report zero-shot scores.
+    TrainClip(super::cli_models::TrainClipArgs),
 }
 
 #[derive(Args, Debug)]
@@ -120,6 +123,7 @@ pub fn run(args: &WorldArgs) -> anyhow::Result<()> {
         WorldCommand::TrainChecker(a) => super::cli_models::run_train_checker(a),
         WorldCommand::TrainVae(a) => super::cli_models::run_train_vae(a),
         WorldCommand::CheckVae(a) => super::cli_models::run_check_vae(a),
+        WorldCommand::TrainClip(a) => super::cli_models::run_train_clip(a),
     }
 }
 

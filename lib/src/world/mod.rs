@@ -13,13 +13,16 @@
 //! - [`checker`]: the attribute checker (ShapesWorld II), an independent multi-head classifier
 //!   trained on the balanced distribution that judges generated and reconstructed images;
 //! - [`autoencoder`]: diffusers' `AutoencoderKL` trained on world images (ShapesWorld II);
-//! - [`cli`]: `diffexplainer world render | train-classifier | truth | train-checker | train-vae`.
+//! - [`clip`]: CLIP's text and vision towers trained contrastively on (image, caption) pairs
+//!   (ShapesWorld II);
+//! - [`cli`]: `diffexplainer world render | train-classifier | truth | train-checker | train-vae | train-clip`.
 
 pub mod autoencoder;
 pub mod checker;
 pub mod classifier;
 pub mod cli;
 mod cli_models;
+pub mod clip;
 pub mod heldout;
 pub mod net;
 pub mod render;
