@@ -14,7 +14,7 @@
 //!   trained on the balanced distribution that judges generated and reconstructed images;
 //! - [`autoencoder`]: diffusers' `AutoencoderKL` trained on world images (ShapesWorld II);
 //! - [`clip`]: CLIP's text and vision towers trained contrastively on (image, caption) pairs
-//!   (ShapesWorld II);
+//!   (ShapesWorld II), and [`clip_eval`]: its zero-shot measurements;
 //! - [`cli`]: `diffexplainer world render | train-classifier | truth | train-checker | train-vae | train-clip`.
 
 pub mod autoencoder;
@@ -23,6 +23,7 @@ pub mod classifier;
 pub mod cli;
 mod cli_models;
 pub mod clip;
+pub mod clip_eval;
 pub mod heldout;
 pub mod net;
 pub mod render;
