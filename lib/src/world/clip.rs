@@ -103,9 +103,11 @@ impl Default for ClipTrainConfig {
             seed: 0,
             train_images: 16000,
             eval_images: 600,
-            epochs: 8,
-            batch_size: 128,
-            lr: 2e-3,
+            // Run `clip-b` (docs/shapesworld-ii.md): batches of 128 at lr 2e-3 for 8 epochs
+            // learned colour and background only; more, smaller steps broke out.
+            epochs: 10,
+            batch_size: 64,
+            lr: 1e-3,
             weight_decay: 0.01,
             text_hidden_size: 64,
             text_intermediate_size: 256,
