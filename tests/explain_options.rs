@@ -770,8 +770,55 @@ fn the_sd14_lcm_preset_names_the_missing_weights() {
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // Everything missing at once: the SD 1.4 model and the LCM-LoRA file, each with its
+    // download command and where it must land.
+    assert!(
+        stderr.contains("weights not available: 2 item(s) to download"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("model `CompVis/stable-diffusion-v1-4` (revision main) is not in the local Hugging Face cache"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("huggingface-cli download latent-consistency/lcm-lora-sdv1-5 pytorch_lora_weights.safetensors"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("into: {}", dir.join("hf").join("hub").display())), "{stderr}");
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_real_model_set_names_every_missing_download_at_once() {
+    let bin = env!("CARGO_BIN_EXE_diffexplainer");
+    let dir = temp_dir("sd15-resnet50");
+    std::fs::create_dir_all(dir.join("hf")).unwrap();
+    let out = dir.join("rec");
+    let r = std::process::Command::new(bin)
+        .env("HF_HOME", dir.join("hf"))
+        .env("TORCH_HOME", dir.join("torch"))
+        .args(["explain", "--preset", "sd15-lcm", "--classifier", "resnet50"])
+        .args(["--class", "1", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("weights not available: 3 item(s) to download"),
+        "{stderr}"
+    );
+    for needle in [
+        "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 model_index.json",
+        "huggingface-cli download latent-consistency/lcm-lora-sdv1-5 pytorch_lora_weights.safetensors",
+        "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    ] {
+        assert!(stderr.contains(needle), "no `{needle}` in {stderr}");
+    }
+    let torch_file = dir.join("torch/hub/checkpoints/resnet50-0676ba61.pth");
+    assert!(
+        stderr.contains(&format!("into: {}", torch_file.display())),
         "{stderr}"
     );
     assert!(!out.exists());

@@ -301,6 +301,7 @@ fn row(class: usize, feature: usize, label: Verdict) -> LabelRow {
         label,
         score: None,
         margin: None,
+        share_threshold: None,
         images: 0,
         active_images: 0,
         shares: vec![],

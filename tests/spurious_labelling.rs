@@ -14,7 +14,7 @@ use diffexplainer::explain::{
 use diffexplainer::spurious::labeller::check_job;
 use diffexplainer::spurious::labelling::{label_maps, query_for, summarize, tiny_random_segmenter};
 use diffexplainer::spurious::{
-    label_class, ClassTarget, LabelConfig, LabelRule, ObjectSegmenter, Verdict,
+    label_class, ClassTarget, CoreCriterion, LabelConfig, LabelRule, ObjectSegmenter, Verdict,
 };
 
 /// `n` images of 4x4: `map` and `mask` given as 16 values each, repeated per image.
@@ -58,9 +58,17 @@ fn a_map_inside_the_mask_is_core_outside_is_spurious() {
     );
 }
 
+/// The fixed-share criterion ("most of the activation on the object").
+fn share_rule() -> LabelRule {
+    LabelRule {
+        core: CoreCriterion::Share(0.5),
+        ..LabelRule::default()
+    }
+}
+
 #[test]
 fn the_margin_is_students_t_interval_and_a_straddling_interval_is_uncertain() {
-    let rule = LabelRule::default();
+    let rule = share_rule();
     // A uniform map over masks of 12, 14 and 16 of 16 pixels: shares 0.75, 0.875, 1.
     let s = label_maps(
         &planes(&[ONES; 3]),
@@ -94,13 +102,63 @@ fn the_margin_is_students_t_interval_and_a_straddling_interval_is_uncertain() {
         confidence: 0.8,
         ..rule
     };
-    let s = summarize(&[Some(0.25), Some(0.5), Some(0.75)], &rule80).unwrap();
+    let s = summarize(&[Some(0.25), Some(0.5), Some(0.75)], &[0.5; 3], &rule80).unwrap();
     assert!((s.margin.unwrap() - 1.885618083164127 * 0.25 / 3f64.sqrt()).abs() < 1e-9);
     assert_eq!(s.label, Verdict::Uncertain);
     // Shares well below the threshold with little spread: spurious.
-    let s = summarize(&[Some(0.1), Some(0.2), Some(0.15), Some(0.12)], &rule).unwrap();
+    let s = summarize(
+        &[Some(0.1), Some(0.2), Some(0.15), Some(0.12)],
+        &[0.5; 4],
+        &rule,
+    )
+    .unwrap();
     assert_eq!(s.label, Verdict::Spurious);
     assert!(s.score.unwrap() + s.margin.unwrap() < 0.5);
+}
+
+#[test]
+fn the_default_criterion_is_the_ground_truths_density_ratio() {
+    let rule = LabelRule::default();
+    assert_eq!(rule.core, CoreCriterion::DensityRatio(2.0));
+    // The share threshold is where ρ = (s/a)/((1−s)/(1−a)) equals 2, the ground truth's
+    // `density_ratio`.
+    for area in [0.05, 0.1, 0.3, 0.5, 0.8] {
+        let t = rule.core.share_threshold(area);
+        let rho = diffexplainer::world::truth::density_ratio(t, area);
+        assert!((rho - 2.0).abs() < 1e-9, "area {area}: ρ({t}) = {rho}");
+    }
+    // A small object (2 of 16 pixels): a map with 0.3 of its mass on it is 3 times denser on
+    // the object than off it: core by ρ, although under half the activation is on the object.
+    let map: [f32; 16] = [
+        3., 3., 1., 1., 1., 1., 1., 1., 1., 1., 1., 1., 1., 1., 1., 1.,
+    ];
+    let s = label_maps(&planes(&[map; 4]), &planes(&[first(2); 4]), &rule).unwrap();
+    assert!(
+        (s.score.unwrap() - 6.0 / 20.0).abs() < 1e-6,
+        "{:?}",
+        s.score
+    );
+    assert_eq!(s.area, Some(2.0 / 16.0));
+    assert_eq!(s.label, Verdict::Core);
+    let s = label_maps(&planes(&[map; 4]), &planes(&[first(2); 4]), &share_rule()).unwrap();
+    assert_eq!(s.label, Verdict::Spurious);
+    // A uniform map has ρ = 1 whatever the object's size: spurious under ρ ≥ 2.
+    for k in [2, 8, 12] {
+        let s = label_maps(&planes(&[ONES; 3]), &planes(&[first(k); 3]), &rule).unwrap();
+        assert_eq!(s.label, Verdict::Spurious, "mask of {k} pixels");
+    }
+    // A rule saved before the criterion existed (`core_threshold`, a share) still loads.
+    let old: LabelRule =
+        serde_json::from_str(r#"{"core_threshold": 0.5, "confidence": 0.9}"#).unwrap();
+    assert_eq!(
+        old,
+        LabelRule {
+            core: CoreCriterion::Share(0.5),
+            confidence: 0.9
+        }
+    );
+    let new: LabelRule = serde_json::from_str(&serde_json::to_string(&rule).unwrap()).unwrap();
+    assert_eq!(new, rule);
 }
 
 #[test]
@@ -156,13 +214,29 @@ fn bad_maps_masks_and_rules_are_errors_naming_the_problem() {
             ..rule
         },
         LabelRule {
-            core_threshold: 0.0,
+            core: CoreCriterion::Share(0.0),
+            ..rule
+        },
+        LabelRule {
+            core: CoreCriterion::DensityRatio(1.0),
+            ..rule
+        },
+        LabelRule {
+            core: CoreCriterion::DensityRatio(f64::NAN),
             ..rule
         },
     ] {
-        assert!(summarize(&[Some(0.5)], &bad).is_err());
+        assert!(summarize(&[Some(0.5)], &[0.5], &bad).is_err());
     }
-    let err = summarize(&[Some(0.5), Some(1.5)], &rule)
+    let err = summarize(&[Some(0.5)], &[0.5, 0.5], &rule)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 object shares but 2 mask areas"), "{err}");
+    let err = summarize(&[Some(0.5)], &[1.5], &rule)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mask area is 1.5"), "{err}");
+    let err = summarize(&[Some(0.5), Some(1.5)], &[0.5; 2], &rule)
         .unwrap_err()
         .to_string();
     assert!(err.contains("image 1") && err.contains("1.5"), "{err}");

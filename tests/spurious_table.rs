@@ -16,6 +16,7 @@ fn row(feature: usize, rank: usize, label: Verdict, shares: Vec<Option<f64>>) ->
         label,
         score: Some(0.1 + 0.7 * (rank as f64) / 3.0),
         margin: (label != Verdict::Uncertain).then_some(0.062_5),
+        share_threshold: Some(0.4),
         images: shares.len(),
         active_images: shares.iter().flatten().count(),
         shares,

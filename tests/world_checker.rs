@@ -84,7 +84,7 @@ fn a_few_steps_lower_the_loss() {
     let labels = Tensor::from_vec(labels, (64, heads.len()), &Device::Cpu).unwrap();
     let model = Trainable::new(&config.resnet_config(&heads), 0).unwrap();
     let train = diffexplainer::world::train::TrainConfig {
-        epochs: 10,
+        epochs: 20,
         batch_size: 64,
         lr: 1e-2,
         weight_decay: 0.0,

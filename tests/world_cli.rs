@@ -193,6 +193,24 @@ fn train_classifier_then_truth_on_a_tiny_world() {
         !model.join("checkpoint").exists(),
         "the checkpoint is left behind"
     );
+    // Training into the finished folder again is refused, the folder untouched.
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    let o = run(&[
+        "world",
+        "train-classifier",
+        "--spec",
+        spec_s,
+        "--out",
+        model_s,
+        "--quiet",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("already holds a trained model"), "{err}");
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        before
+    );
     let o = run(&[
         "world",
         "truth",

@@ -14,6 +14,7 @@ pub fn write_atomically(
 ) -> anyhow::Result<()> {
     let tmp = temp_sibling(path);
     let result = write(&tmp).and_then(|()| {
+        readable_as_created(&tmp)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)
             .with_context(|| format!("{}: cannot move into place", path.display()))
@@ -31,6 +32,38 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         f.write_all(bytes)?;
         Ok(())
     })
+}
+
+/// Some writers (the safetensors crate) create private files (0600); a model file the user
+/// asked for gets the mode any new file gets (0666 less the umask), as `File::create` gives.
+#[cfg(unix)]
+fn readable_as_created(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let umask = umask();
+    let perms = std::fs::metadata(path)?.permissions();
+    let wanted = (perms.mode() & !0o777) | (0o666 & !umask);
+    if perms.mode() != wanted {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(wanted))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn readable_as_created(_: &Path) -> anyhow::Result<()> {
+    Ok(())
+}
+
+/// The process's umask, from /proc/self/status (Linux); 022 where it cannot be read.
+#[cfg(unix)]
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 fn temp_sibling(path: &Path) -> PathBuf {

@@ -3,6 +3,8 @@ updated in place during a real (tiny, embedded) optimization, the result and the
 explanation as a cell's last expression. Runs through nbclient against the installed kernel."""
 import base64
 import os
+import shutil
+import tempfile
 import unittest
 
 import nbformat
@@ -125,20 +127,55 @@ NOTEBOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
 
 
 class ShippedNotebookTests(unittest.TestCase):
-    """Every notebook in notebooks/ runs top to bottom in the kernel without an error."""
+    """Every notebook in notebooks/ runs top to bottom in the kernel without an error, except the
+    cells tagged `needs-real-weights` (06-real-models: SD 1.5, ResNet-50 from the Hub), which must
+    stop with the library's clear "weights not available" error, never a panic. The kernel runs
+    with empty Hugging Face and torch caches, as on a fresh machine."""
+
+    TAG = "needs-real-weights"
 
     def test_notebooks_execute(self):
         names = sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb"))
         self.assertTrue(names, "no notebooks found")
-        for name in names:
-            with self.subTest(notebook=name):
-                nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
-                # Executed under the test kernel; the file keeps its own kernelspec.
-                NotebookClient(nb, timeout=600, kernel_name=KERNEL, allow_errors=False).execute()
-                outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-                self.assertFalse([o for o in outputs if o["output_type"] == "error"])
-                images = [o for o in outputs if "image/png" in o.get("data", {})]
-                self.assertTrue(images, f"{name}: no image output")
+        self.assertIn("06-real-models.ipynb", names)
+        empty = tempfile.mkdtemp(prefix="dx-empty-caches-")
+        saved = {k: os.environ.get(k) for k in ("HF_HOME", "TORCH_HOME")}
+        os.environ["HF_HOME"] = os.path.join(empty, "hf")
+        os.environ["TORCH_HOME"] = os.path.join(empty, "torch")
+        try:
+            for name in names:
+                with self.subTest(notebook=name):
+                    self.check_notebook(name)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            shutil.rmtree(empty, ignore_errors=True)
+
+    def check_notebook(self, name):
+        nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+        # Executed under the test kernel; the file keeps its own kernelspec.
+        NotebookClient(nb, timeout=600, kernel_name=KERNEL, allow_errors=True).execute()
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        tagged = [c for c in code if self.TAG in c.metadata.get("tags", [])]
+        for i, c in enumerate(code):
+            errors = [o for o in c.outputs if o["output_type"] == "error"]
+            text = "\n".join(
+                [o.get("evalue", "") + "\n" + "\n".join(o.get("traceback", [])) for o in errors]
+                + [o.get("text", "") for o in c.outputs if o["output_type"] == "stream"]
+            )
+            self.assertNotIn("panicked", text, f"{name} cell {i}")
+            if c in tagged:
+                self.assertTrue(errors, f"{name} cell {i} needs real weights but did not fail")
+                self.assertIn("weights not available", text, f"{name} cell {i}: {text[:2000]}")
+            else:
+                self.assertFalse(errors, f"{name} cell {i}: {text[:2000]}")
+        if not tagged:
+            outputs = [o for c in code for o in c.outputs]
+            images = [o for o in outputs if "image/png" in o.get("data", {})]
+            self.assertTrue(images, f"{name}: no image output")
 
 
 if __name__ == "__main__":

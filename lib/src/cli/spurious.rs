@@ -16,7 +16,9 @@ use diffexplainer::spurious::labeller::{check_job, DEFAULT_QUERY_TEMPLATE};
 use diffexplainer::spurious::labelling::tiny_random_segmenter;
 use diffexplainer::spurious::salient_imagenet::{agreement, Label, SalientImagenet};
 use diffexplainer::spurious::table::{check_output_dir, find_tables};
-use diffexplainer::spurious::{label_class, ClassTarget, LabelConfig, LabelRule, Verdict};
+use diffexplainer::spurious::{
+    label_class, ClassTarget, CoreCriterion, LabelConfig, LabelRule, Verdict,
+};
 
 use super::ModelArgs;
 
@@ -88,9 +90,13 @@ pub struct LabelArgs {
     /// Also maximize the class logit with this weight (default: the feature alone).
     #[arg(long)]
     class_weight: Option<f64>,
-    /// A share at or above this is core.
-    #[arg(long, default_value_t = 0.5)]
-    core_threshold: f64,
+    /// Core when the feature's object density ratio (share/area over (1-share)/(1-area)) of
+    /// score - margin reaches this: ShapesWorld's ground truth's criterion [default: 2]
+    #[arg(long, conflicts_with = "core_share")]
+    core_density_ratio: Option<f64>,
+    /// Core when the object share of score - margin reaches this instead (e.g. 0.5)
+    #[arg(long)]
+    core_share: Option<f64>,
     /// Confidence of the t interval around the mean share.
     #[arg(long, default_value_t = 0.95)]
     confidence: f64,
@@ -140,7 +146,11 @@ fn label(args: &LabelArgs) -> anyhow::Result<()> {
         anyhow::bail!("--lr must be a positive number, got {}", args.lr)
     }
     let rule = LabelRule {
-        core_threshold: args.core_threshold,
+        core: match (args.core_share, args.core_density_ratio) {
+            (Some(share), _) => CoreCriterion::Share(share),
+            (None, Some(ratio)) => CoreCriterion::DensityRatio(ratio),
+            (None, None) => LabelRule::default().core,
+        },
         confidence: args.confidence,
     };
     rule.validate()?;
@@ -292,12 +302,14 @@ fn label(args: &LabelArgs) -> anyhow::Result<()> {
         &cancel,
         |row| {
             eprintln!(
-                "  feature {} (rank {}): {} score {} margin {} ({}/{} images active)",
+                "  feature {} (rank {}): {} score {} margin {} core if >= {} ({}/{} images active)",
                 row.feature,
                 rank_of(row.feature, row.rank),
                 row.label,
                 row.score.map_or("-".into(), |v| format!("{v:.3}")),
                 row.margin.map_or("-".into(), |v| format!("{v:.3}")),
+                row.share_threshold
+                    .map_or("-".into(), |v| format!("{v:.3}")),
                 row.active_images,
                 row.images
             )

@@ -125,24 +125,23 @@ impl ClassifierSpec {
         };
         let checkpoint = match (checkpoint, file) {
             (Some(path), _) => path,
+            // Where torchvision keeps it; when absent, loading reports it with everything else
+            // the spec lacks ([`ModelSpec::missing_weights`]).
             (None, Some(file)) => {
-                let path = torch_hub_dir().join(file);
-                if !path.is_file() {
-                    anyhow::bail!(
-                        "classifier `{name}`: no checkpoint given and torchvision's `{file}` is not \
-                         at {}; pass --classifier-checkpoint PATH (a .pth/.pt/.safetensors state \
-                         dict for {arch})",
-                        path.display()
-                    )
-                }
-                path
+                return Ok(Self {
+                    arch: arch.to_string(),
+                    checkpoint: Some(torch_hub_dir().join(file)),
+                    input_size,
+                })
             }
             (None, None) => anyhow::bail!(
                 "classifier `{name}` needs its checkpoint: pass --classifier-checkpoint PATH \
                  (for robust-resnet50, Salient ImageNet's imagenet_l2_3_0.pt)"
             ),
         };
-        if !checkpoint.is_file() {
+        // A path that does not exist yet is reported when loading, with everything else missing
+        // ([`ModelSpec::missing_weights`]); one that exists but is no file is refused now.
+        if checkpoint.exists() && !checkpoint.is_file() {
             anyhow::bail!(
                 "classifier `{name}`: checkpoint {} {}",
                 checkpoint.display(),
@@ -409,6 +408,10 @@ impl ModelBundle {
 
     /// Loads everything a spec names onto `device`.
     pub fn load(spec: &ModelSpec, device: &Device) -> anyhow::Result<Self> {
+        let missing = spec.missing_weights();
+        if !missing.is_empty() {
+            return Err(weights_not_available(&missing));
+        }
         let dtype = spec.dtype()?;
         check_dtype_on_device(dtype, device)?;
         let classifier_dtype = if dtype == DType::F64 {
@@ -748,9 +751,107 @@ fn hub_repo(repo: &str, revision: Option<&str>) -> hf_hub::Repo {
     }
 }
 
-/// The snapshot folder of a cached Hub model and the commit it is at. Nothing is downloaded:
-/// a model that is not cached is an error saying what to fetch and where it must land.
-pub fn resolve_hub_model(repo: &str, revision: Option<&str>) -> anyhow::Result<(PathBuf, String)> {
+/// A model or weight file a [`ModelSpec`] names that is not on this machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MissingWeights {
+    /// What it is, e.g. "model `CompVis/stable-diffusion-v1-4` (revision main) is not in the
+    /// local Hugging Face cache".
+    pub what: String,
+    /// How to fetch it (a command for a machine with network access).
+    pub fetch: String,
+    /// Where it must land.
+    pub into: PathBuf,
+}
+
+/// torchvision's download address of its checkpoint files.
+const TORCHVISION_MODELS_URL: &str = "https://download.pytorch.org/models";
+
+impl ModelSpec {
+    /// Everything the spec names that is not available locally, all at once (nothing is
+    /// downloaded; a user fetches the whole list in one go). Empty for the tiny models and for
+    /// local folders (those report their own missing files when read).
+    pub fn missing_weights(&self) -> Vec<MissingWeights> {
+        let mut missing = Vec::new();
+        if let DiffusionSource::Hub { repo, revision } = &self.diffusion {
+            if let Err(m) = hub_model_snapshot(repo, revision.as_deref()) {
+                missing.push(m);
+            }
+        }
+        if let Some(LoraSpec {
+            source: FileSource::Hub { repo, file },
+            ..
+        }) = &self.lora
+        {
+            if let Err(m) = hub_file(repo, file) {
+                missing.push(m);
+            }
+        }
+        let c = &self.classifier;
+        if let Some(path) = c.checkpoint.as_ref().filter(|p| !p.exists()) {
+            let torchvision_file = CLASSIFIER_PRESETS
+                .iter()
+                .find(|p| p.1 == c.arch && p.3.is_some_and(|f| path.ends_with(f)))
+                .and_then(|p| p.3);
+            missing.push(match torchvision_file {
+                Some(file) => MissingWeights {
+                    what: format!(
+                        "classifier `{}`: torchvision's checkpoint `{file}` is not in the torch \
+                         hub cache",
+                        c.arch
+                    ),
+                    fetch: format!(
+                        "curl -L -o {} {TORCHVISION_MODELS_URL}/{file}  (or pass \
+                         --classifier-checkpoint PATH)",
+                        path.display()
+                    ),
+                    into: path.clone(),
+                },
+                None => MissingWeights {
+                    what: format!(
+                        "classifier `{}`: the checkpoint {} does not exist",
+                        c.arch,
+                        path.display()
+                    ),
+                    fetch: if path.ends_with("imagenet_l2_3_0.pt") {
+                        "Salient ImageNet's robust ResNet-50 (MadryLab robustness, ImageNet \
+                         L2 eps=3.0): see https://github.com/singlasahil14/salient_imagenet"
+                            .to_string()
+                    } else {
+                        "the classifier's state dict (.pth/.pt/.safetensors)".to_string()
+                    },
+                    into: path.clone(),
+                },
+            });
+        }
+        missing
+    }
+}
+
+/// One error for everything missing: "weights not available: ..." with each item's fetch
+/// command and destination.
+pub fn weights_not_available(missing: &[MissingWeights]) -> anyhow::Error {
+    let mut msg = format!(
+        "weights not available: {} item(s) to download (this program never downloads; fetch \
+         them on a machine with network access):",
+        missing.len()
+    );
+    for (i, m) in missing.iter().enumerate() {
+        msg.push_str(&format!(
+            "\n  {}. {}\n     download: {}\n     into: {}",
+            i + 1,
+            m.what,
+            m.fetch,
+            m.into.display()
+        ));
+    }
+    msg.push_str("\n(set HF_HOME / TORCH_HOME to use other caches, or --model-dir for a local diffusers folder)");
+    anyhow::anyhow!(msg)
+}
+
+fn hub_model_snapshot(
+    repo: &str,
+    revision: Option<&str>,
+) -> Result<(PathBuf, String), MissingWeights> {
     let cache = hf_cache();
     let r = hub_repo(repo, revision);
     let rev = r.revision().to_string();
@@ -762,21 +863,25 @@ pub fn resolve_hub_model(repo: &str, revision: Option<&str>) -> anyhow::Result<(
     } else {
         cache.repo(r.clone()).get("model_index.json")
     };
-    let Some(marker) = marker else {
-        anyhow::bail!(
-            "model `{repo}` (revision {rev}) is not in the local Hugging Face cache ({} has no \
-             snapshot for it; this program never downloads). Download it on a machine with \
-             network access, e.g.\n  huggingface-cli download {repo} {}\ninto the cache at {} \
-             (or set HF_HOME), or pass --model-dir with a diffusers folder",
-            folder.display(),
-            HUB_MODEL_FILES.join(" "),
-            cache.path().display()
-        )
-    };
-    let snapshot = marker
-        .parent()
+    let Some(snapshot) = marker
+        .as_deref()
+        .and_then(Path::parent)
         .map(Path::to_path_buf)
-        .context("model_index.json has no parent folder")?;
+    else {
+        return Err(MissingWeights {
+            what: format!(
+                "model `{repo}` (revision {rev}) is not in the local Hugging Face cache ({} has \
+                 no snapshot for it)",
+                folder.display()
+            ),
+            fetch: format!(
+                "huggingface-cli download {repo}{} {}",
+                revision.map_or(String::new(), |r| format!(" --revision {r}")),
+                HUB_MODEL_FILES.join(" ")
+            ),
+            into: cache.path().to_path_buf(),
+        });
+    };
     let commit = snapshot
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -784,18 +889,31 @@ pub fn resolve_hub_model(repo: &str, revision: Option<&str>) -> anyhow::Result<(
     Ok((snapshot, commit))
 }
 
-/// One file of a cached Hub repository.
-pub fn resolve_hub_file(repo: &str, file: &str) -> anyhow::Result<PathBuf> {
+fn hub_file(repo: &str, file: &str) -> Result<PathBuf, MissingWeights> {
     let cache = hf_cache();
     let r = hub_repo(repo, None);
-    cache.repo(r.clone()).get(file).with_context(|| {
-        format!(
-            "`{file}` of `{repo}` is not in the local Hugging Face cache ({}; this program \
-             never downloads). Download it with\n  huggingface-cli download {repo} {file}\n\
-             or give the file's path instead",
-            cache.path().join(r.folder_name()).display()
-        )
-    })
+    cache
+        .repo(r.clone())
+        .get(file)
+        .ok_or_else(|| MissingWeights {
+            what: format!(
+                "`{file}` of `{repo}` is not in the local Hugging Face cache ({})",
+                cache.path().join(r.folder_name()).display()
+            ),
+            fetch: format!("huggingface-cli download {repo} {file}"),
+            into: cache.path().to_path_buf(),
+        })
+}
+
+/// The snapshot folder of a cached Hub model and the commit it is at. Nothing is downloaded:
+/// a model that is not cached is an error saying what to fetch and where it must land.
+pub fn resolve_hub_model(repo: &str, revision: Option<&str>) -> anyhow::Result<(PathBuf, String)> {
+    hub_model_snapshot(repo, revision).map_err(|m| weights_not_available(&[m]))
+}
+
+/// One file of a cached Hub repository.
+pub fn resolve_hub_file(repo: &str, file: &str) -> anyhow::Result<PathBuf> {
+    hub_file(repo, file).map_err(|m| weights_not_available(&[m]))
 }
 
 fn resolve_lora(lora: Option<&LoraSpec>) -> anyhow::Result<Option<(PathBuf, f64)>> {

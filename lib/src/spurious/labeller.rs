@@ -192,6 +192,7 @@ pub fn label_class(
             label: summary.label,
             score: summary.score,
             margin: summary.margin,
+            share_threshold: summary.share_threshold,
             images: summary.shares.len(),
             active_images: summary.active(),
             shares: summary.shares,

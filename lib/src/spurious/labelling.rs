@@ -14,12 +14,16 @@
 //! 4. the **score** is the mean share over the `m` images where the feature fires, and its
 //!    **margin** the half-width of Student's t interval,
 //!    `t_{(1+confidence)/2, m-1} · s / √m` (`s` the sample standard deviation; 95% by default);
-//! 5. the **label**: `core` when `score − margin ≥ core_threshold`, `spurious` when
-//!    `score + margin < core_threshold`, else `uncertain` (the interval straddles the
-//!    threshold, or fewer than 2 images fired so no margin exists). The threshold is 0.5 by
-//!    default ("most of the activation is on the object"). ShapesWorld's ground truth labels by
-//!    the object density ratio instead ([`crate::world::truth::density_ratio`]); aligning the
-//!    two is pending (docs/spurious.md).
+//! 5. the **label**: `core` when `score − margin` clears the rule's **core criterion**,
+//!    `spurious` when `score + margin` does not, else `uncertain` (the interval straddles it, or
+//!    fewer than 2 images fired so no margin exists). The default criterion is ShapesWorld's
+//!    ground truth's ([`crate::world::truth::density_ratio`]): the **object density ratio**
+//!    `ρ = (share / area) / ((1 − share) / (1 − area))` at least 2, `area` the mean mask area
+//!    of those images; a map spread uniformly over the image has `ρ = 1` whatever the object's
+//!    size. As a share, `ρ ≥ r` reads `share ≥ r·area / (1 − area + r·area)`, the **share
+//!    threshold** recorded with each summary. [`CoreCriterion::Share`] compares the share with a
+//!    fixed value instead ("most of the activation on the object": 0.5), which calls features of
+//!    small objects spurious more often.
 
 use anyhow::bail;
 use candle_core::{DType, Tensor};
@@ -48,19 +52,73 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+/// What makes a feature core (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoreCriterion {
+    /// Object density ratio `ρ ≥` this (> 1): ShapesWorld's ground truth uses 2.
+    DensityRatio(f64),
+    /// Object share `≥` this (in (0, 1)).
+    Share(f64),
+}
+
+impl CoreCriterion {
+    /// The share at or above which a pair is core, for objects covering `area` of the image.
+    pub fn share_threshold(&self, area: f64) -> f64 {
+        match *self {
+            CoreCriterion::Share(t) => t,
+            CoreCriterion::DensityRatio(r) => {
+                let a = area.clamp(0.0, 1.0);
+                r * a / (1.0 - a + r * a)
+            }
+        }
+    }
+
+    /// `"object density ratio ≥ 2"` / `"object share ≥ 0.5"`.
+    pub fn describe(&self) -> String {
+        match *self {
+            CoreCriterion::DensityRatio(r) => format!("object density ratio ≥ {r}"),
+            CoreCriterion::Share(t) => format!("object share ≥ {t}"),
+        }
+    }
+}
+
 /// The decision rule (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(from = "LabelRuleRepr")]
 pub struct LabelRule {
-    /// A share at or above this is core (0.5).
-    pub core_threshold: f64,
+    /// What makes a pair core (object density ratio ≥ 2).
+    pub core: CoreCriterion,
     /// Two-sided confidence of the t interval (0.95).
     pub confidence: f64,
+}
+
+// Tables written before the density ratio existed hold `core_threshold` (a share).
+#[derive(Deserialize)]
+struct LabelRuleRepr {
+    #[serde(default)]
+    core: Option<CoreCriterion>,
+    #[serde(default)]
+    core_threshold: Option<f64>,
+    confidence: f64,
+}
+
+impl From<LabelRuleRepr> for LabelRule {
+    fn from(r: LabelRuleRepr) -> Self {
+        LabelRule {
+            core: r
+                .core
+                .or(r.core_threshold.map(CoreCriterion::Share))
+                .unwrap_or(LabelRule::default().core),
+            confidence: r.confidence,
+        }
+    }
 }
 
 impl Default for LabelRule {
     fn default() -> Self {
         Self {
-            core_threshold: 0.5,
+            core: CoreCriterion::DensityRatio(2.0),
             confidence: 0.95,
         }
     }
@@ -68,11 +126,14 @@ impl Default for LabelRule {
 
 impl LabelRule {
     pub fn validate(&self) -> anyhow::Result<()> {
-        if !(self.core_threshold > 0.0 && self.core_threshold < 1.0) {
-            bail!(
-                "the core threshold must lie strictly between 0 and 1 (a share), got {}",
-                self.core_threshold
-            )
+        match self.core {
+            CoreCriterion::Share(t) if !(t > 0.0 && t < 1.0) => bail!(
+                "the core share threshold must lie strictly between 0 and 1 (a share), got {t}"
+            ),
+            CoreCriterion::DensityRatio(r) if !(r > 1.0 && r.is_finite()) => bail!(
+                "the core density ratio must be a number above 1 (1 is a uniform map), got {r}"
+            ),
+            _ => {}
         }
         if !(self.confidence > 0.0 && self.confidence < 1.0) {
             bail!(
@@ -93,6 +154,12 @@ pub struct ShareSummary {
     pub score: Option<f64>,
     /// Half-width of the t interval around `score` (`None` with fewer than 2 such images).
     pub margin: Option<f64>,
+    /// Mean mask area (share of the image) over the images where the feature fires.
+    #[serde(default)]
+    pub area: Option<f64>,
+    /// The share `score − margin` must reach to be core (the criterion at `area`).
+    #[serde(default)]
+    pub share_threshold: Option<f64>,
     pub label: Verdict,
 }
 
@@ -104,9 +171,20 @@ impl ShareSummary {
 }
 
 /// Summarizes per-image shares (each in `[0, 1]`, or `None` for an image where the feature does
-/// not fire) under `rule`.
-pub fn summarize(shares: &[Option<f64>], rule: &LabelRule) -> anyhow::Result<ShareSummary> {
+/// not fire) and mask areas (each image's mask mean, in `[0, 1]`) under `rule`.
+pub fn summarize(
+    shares: &[Option<f64>],
+    areas: &[f64],
+    rule: &LabelRule,
+) -> anyhow::Result<ShareSummary> {
     rule.validate()?;
+    if shares.len() != areas.len() {
+        bail!(
+            "{} object shares but {} mask areas: one of each per image",
+            shares.len(),
+            areas.len()
+        )
+    }
     if let Some((i, v)) = shares
         .iter()
         .enumerate()
@@ -114,12 +192,25 @@ pub fn summarize(shares: &[Option<f64>], rule: &LabelRule) -> anyhow::Result<Sha
     {
         bail!("image {i}'s object share is {v}; a share lies in [0, 1]")
     }
-    let active: Vec<f64> = shares.iter().flatten().copied().collect();
+    if let Some((i, v)) = areas
+        .iter()
+        .enumerate()
+        .find(|(_, a)| !(0.0..=1.0).contains(*a))
+    {
+        bail!("image {i}'s mask area is {v}; an area lies in [0, 1]")
+    }
+    let active: Vec<(f64, f64)> = shares
+        .iter()
+        .zip(areas)
+        .filter_map(|(s, a)| s.map(|s| (s, *a)))
+        .collect();
     let m = active.len();
-    let score = (m > 0).then(|| active.iter().sum::<f64>() / m as f64);
+    let score = (m > 0).then(|| active.iter().map(|(s, _)| s).sum::<f64>() / m as f64);
+    let area = (m > 0).then(|| active.iter().map(|(_, a)| a).sum::<f64>() / m as f64);
+    let share_threshold = area.map(|a| rule.core.share_threshold(a));
     let margin = match score {
         Some(mean) if m >= 2 => {
-            let var = active.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (m - 1) as f64;
+            let var = active.iter().map(|(v, _)| (v - mean).powi(2)).sum::<f64>() / (m - 1) as f64;
             let t = StudentsT::new(0.0, 1.0, (m - 1) as f64)
                 .map_err(|e| anyhow::anyhow!("Student's t with {} degrees of freedom: {e}", m - 1))?
                 .inverse_cdf((1.0 + rule.confidence) / 2.0);
@@ -127,15 +218,17 @@ pub fn summarize(shares: &[Option<f64>], rule: &LabelRule) -> anyhow::Result<Sha
         }
         _ => None,
     };
-    let label = match (score, margin) {
-        (Some(s), Some(e)) if s - e >= rule.core_threshold => Verdict::Core,
-        (Some(s), Some(e)) if s + e < rule.core_threshold => Verdict::Spurious,
+    let label = match (score, margin, share_threshold) {
+        (Some(s), Some(e), Some(t)) if s - e >= t => Verdict::Core,
+        (Some(s), Some(e), Some(t)) if s + e < t => Verdict::Spurious,
         _ => Verdict::Uncertain,
     };
     Ok(ShareSummary {
         shares: shares.to_vec(),
         score,
         margin,
+        area,
+        share_threshold,
         label,
     })
 }
@@ -151,6 +244,7 @@ pub fn label_maps(maps: &Tensor, masks: &Tensor, rule: &LabelRule) -> anyhow::Re
         )
     }
     let totals: Vec<f64> = maps.to_dtype(DType::F64)?.sum((1, 2))?.to_vec1()?;
+    let areas: Vec<f64> = masks.to_dtype(DType::F64)?.mean((1, 2))?.to_vec1()?;
     let mut shares = Vec::with_capacity(totals.len());
     for (i, total) in totals.iter().enumerate() {
         if *total == 0.0 {
@@ -162,7 +256,9 @@ pub fn label_maps(maps: &Tensor, masks: &Tensor, rule: &LabelRule) -> anyhow::Re
         // Rounding can push a share of a full mask a hair past 1.
         shares.push(Some(share.clamp(0.0, 1.0)));
     }
-    summarize(&shares, rule)
+    // Soft masks can round a hair past [0, 1] too.
+    let areas: Vec<f64> = areas.iter().map(|a| a.clamp(0.0, 1.0)).collect();
+    summarize(&shares, &areas, rule)
 }
 
 /// Segments the class object in images by a text query. CLIPSeg's [`Segmenter`] is one; the

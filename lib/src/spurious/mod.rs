@@ -20,5 +20,5 @@ pub mod salient_imagenet;
 pub mod table;
 
 pub use labeller::{label_class, ClassTarget, LabelConfig};
-pub use labelling::{LabelRule, ObjectSegmenter, ShareSummary, Verdict};
+pub use labelling::{CoreCriterion, LabelRule, ObjectSegmenter, ShareSummary, Verdict};
 pub use table::{ClassTable, Evidence, LabelRow};

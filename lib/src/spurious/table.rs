@@ -45,6 +45,10 @@ pub struct LabelRow {
     pub score: Option<f64>,
     /// Half-width of the t interval around `score`.
     pub margin: Option<f64>,
+    /// The share `score − margin` must reach to be core: the rule's criterion at the mean mask
+    /// area of the images where the feature fires (`None` when it fires on none).
+    #[serde(default)]
+    pub share_threshold: Option<f64>,
     /// Generated images, and those where the feature fires.
     pub images: usize,
     pub active_images: usize,
@@ -143,15 +147,15 @@ impl ClassTable {
     pub fn to_html(&self) -> anyhow::Result<String> {
         let mut html = format!(
             "<div class=\"diffexplainer-spurious\"><div><b>class {} ({})</b>: query <code>{}</code>; \
-             core when score − margin ≥ {}, spurious when score + margin &lt; {} ({}% t interval)</div>\
+             core when the {} for score − margin (the share in <i>core if ≥</i>), spurious when \
+             score + margin falls short ({}% t interval)</div>\
              <table><thead><tr><th>rank</th><th>feature</th><th>label</th><th>score</th>\
-             <th>margin</th><th>active</th><th>nearest tokens</th><th>images</th>\
+             <th>margin</th><th>core if ≥</th><th>active</th><th>nearest tokens</th><th>images</th>\
              <th>mask overlays</th><th>heatmaps</th></tr></thead><tbody>",
             self.class_index,
             html_escape(&self.class_name),
             html_escape(&self.query),
-            self.rule.core_threshold,
-            self.rule.core_threshold,
+            html_escape(&self.rule.core.describe()),
             100.0 * self.rule.confidence
         );
         for (k, row) in self.rows.iter().enumerate() {
@@ -163,12 +167,13 @@ impl ClassTable {
             let _ = write!(
                 html,
                 "<tr><td>{}</td><td>{}</td><td style=\"color:{colour}\"><b>{}</b></td><td>{}</td>\
-                 <td>{}</td><td>{}/{}</td><td><code>{}</code><br/><small>{}</small></td>",
+                 <td>{}</td><td>{}</td><td>{}/{}</td><td><code>{}</code><br/><small>{}</small></td>",
                 row.rank,
                 row.feature,
                 row.label,
                 fmt_opt(row.score),
                 row.margin.map_or("–".to_string(), |m| format!("±{m:.3}")),
+                fmt_opt(row.share_threshold),
                 row.active_images,
                 row.images,
                 html_escape(&row.prompt),
@@ -205,7 +210,14 @@ impl ClassTable {
     /// The text fallback: one tab-separated line per row.
     pub fn to_text(&self) -> String {
         let headers = [
-            "rank", "feature", "label", "score", "margin", "active", "prompt",
+            "rank",
+            "feature",
+            "label",
+            "score",
+            "margin",
+            "core if ≥",
+            "active",
+            "prompt",
         ];
         let rows: Vec<Vec<String>> = self
             .rows
@@ -217,6 +229,7 @@ impl ClassTable {
                     r.label.to_string(),
                     fmt_opt(r.score),
                     fmt_opt(r.margin),
+                    fmt_opt(r.share_threshold),
                     format!("{}/{}", r.active_images, r.images),
                     r.prompt.clone(),
                 ]

@@ -4,7 +4,7 @@
 //! reconstructed images. It is not the classifier under audit and has no planted shortcut.
 //!
 //! Architecture: our torchvision-named ResNet (the classifier under audit's code and trainer,
-//! [`super::classifier::Trainable`]) at a small config whose one linear layer holds every head:
+//! [`super::classifier::Trainable`], trained with batch statistics by [`super::net`]) at a small config whose one linear layer holds every head:
 //! its `num_classes` outputs are the heads' vocabularies laid end to end (shape, then colour,
 //! texture, background, each in the spec's order), and each head's prediction is the argmax
 //! over its own slice. The loss is the mean over heads of each head's cross-entropy. The folder
@@ -58,8 +58,10 @@ pub fn heads(spec: &WorldSpec) -> Vec<Head> {
         .collect()
 }
 
-/// The checker's network and training (recorded in its `config.json`).
+/// The checker's network and training (recorded in its `config.json`; the spec's `[checker]`
+/// table, every field optional).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CheckerConfig {
     /// Seed of the initial weights and of the batch order.
     pub seed: u64,
@@ -449,8 +451,9 @@ fn save_folder(
     out: &Path,
     record: &CheckerRecord,
 ) -> anyhow::Result<()> {
-    // No batch was normalized with batch statistics (see `train`): num_batches_tracked = 0.
-    let tensors = model.tensors(0)?;
+    // Every training step normalized one batch per norm (train-mode batch norm, `world::net`).
+    let batches = config.epochs * config.train_config().steps_per_epoch(config.train_images);
+    let tensors = model.tensors(batches)?;
     let folder_config = ClassifierFolderConfig {
         architecture: "resnet".to_string(),
         config: serde_json::to_value(config.resnet_config(heads))?,

@@ -20,6 +20,10 @@ pub struct WorldArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum WorldCommand {
+    /// Train every model of a world in order (the attribute checker, the classifier under
+    /// audit): one folder per model under OUT, finished models skipped, an unfinished one
+    /// resumed from its checkpoint.
+    Train(TrainWorldArgs),
     /// Render images of a split: a grid PNG of images, one of masks, each image and mask, and
     /// the attribute records (records.jsonl).
     Render(RenderArgs),
@@ -94,6 +98,21 @@ pub struct TrainArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct TrainWorldArgs {
+    #[command(flatten)]
+    pub spec: SpecArg,
+    /// The world folder: OUT/spec.toml, then one folder per model (OUT/checker, OUT/classifier).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Train only these models (comma-separated; default: all, in order).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<super::train_all::WorldModel>,
+    /// Hide the progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct TruthArgs {
     #[command(flatten)]
     pub spec: SpecArg,
@@ -117,6 +136,7 @@ pub struct TruthArgs {
 
 pub fn run(args: &WorldArgs) -> anyhow::Result<()> {
     match &args.command {
+        WorldCommand::Train(a) => run_train_world(a),
         WorldCommand::Render(a) => run_render(a),
         WorldCommand::TrainClassifier(a) => run_train(a),
         WorldCommand::Truth(a) => run_truth(a),
@@ -268,6 +288,7 @@ fn save_png(path: &Path, img: &image::RgbImage) -> anyhow::Result<()> {
 
 fn run_train(a: &TrainArgs) -> anyhow::Result<()> {
     let spec = a.spec.load()?;
+    super::train_all::refuse_finished(&a.out)?;
     eprintln!(
         "training the classifier under audit on {} biased images ({} threads)",
         spec.splits.train,
@@ -333,6 +354,37 @@ fn run_truth(a: &TruthArgs) -> anyhow::Result<()> {
         "{md}\nwrote {} and {}",
         out.join("truth.json").display(),
         out.join("truth.md").display()
+    );
+    Ok(())
+}
+
+fn run_train_world(a: &TrainWorldArgs) -> anyhow::Result<()> {
+    let spec = a.spec.load()?;
+    let outcomes = super::train_all::train_world(&spec, &a.out, &a.only, !a.quiet, |o| {
+        if o.skipped {
+            eprintln!(
+                "{}: already trained ({}); {}",
+                o.model.name(),
+                o.dir.display(),
+                o.summary
+            )
+        } else {
+            eprintln!(
+                "{}: trained in {:.0} s -> {}; {}",
+                o.model.name(),
+                o.seconds,
+                o.dir.display(),
+                o.summary
+            )
+        }
+    })?;
+    let trained = outcomes.iter().filter(|o| !o.skipped).count();
+    println!(
+        "world {} in {}: {} model(s) trained now, {} already finished",
+        spec.fingerprint(),
+        a.out.display(),
+        trained,
+        outcomes.len() - trained
     );
     Ok(())
 }

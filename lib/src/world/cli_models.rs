@@ -60,6 +60,7 @@ pub fn run_train_checker(a: &TrainCheckerArgs) -> anyhow::Result<()> {
         ..CheckerConfig::default()
     };
     config.check()?;
+    super::train_all::refuse_finished(&a.out)?;
     eprintln!(
         "training the attribute checker on {} balanced images ({} threads)",
         config.train_images,

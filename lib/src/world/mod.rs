@@ -15,7 +15,9 @@
 //! - [`autoencoder`]: diffusers' `AutoencoderKL` trained on world images (ShapesWorld II);
 //! - [`clip`]: CLIP's text and vision towers trained contrastively on (image, caption) pairs
 //!   (ShapesWorld II), and [`clip_eval`]: its zero-shot measurements;
-//! - [`cli`]: `diffexplainer world render | train-classifier | truth | train-checker | train-vae | train-clip`.
+//! - [`train_all`]: `world train`, every model of a world from one spec, resumable;
+//! - [`cli`]: `diffexplainer world render | train-classifier | truth | train-checker | train-vae |
+//!   train-clip`.
 
 pub mod autoencoder;
 pub mod checker;
@@ -30,6 +32,7 @@ pub mod render;
 pub mod spec;
 pub mod splits;
 pub mod train;
+pub mod train_all;
 pub mod truth;
 
 pub use spec::WorldSpec;

@@ -55,6 +55,15 @@ pub struct WorldSpec {
     /// The classifier under audit: its tiny ResNet and how it is trained.
     #[serde(default)]
     pub classifier: ClassifierSection,
+    /// ShapesWorld II's attribute checker (`world train`, `world train-checker`). Left out of
+    /// the serialized spec (and so of its fingerprint) when default, so adding the table did
+    /// not change the fingerprints recorded with earlier models.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub checker: super::checker::CheckerConfig,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// The classifier under audit (`world train-classifier`): a ResNet with torchvision's blocks
@@ -486,6 +495,9 @@ impl WorldSpec {
                 "needs at least one template".into(),
             ));
         }
+        if let Err(e) = self.checker.check() {
+            return Err(err("[checker]".into(), "table".into(), e.to_string()));
+        }
         Ok(())
     }
 
@@ -571,8 +583,14 @@ impl WorldSpec {
 
     /// A short stable fingerprint of the spec (FNV-1a of its canonical JSON), recorded with
     /// trained models so a model can be checked against the world it was trained on.
+    /// ShapesWorld II's model tables (`[checker]`, ...) are left out: each model's report
+    /// records its own config, so changing one model's table leaves the others' folders valid.
     pub fn fingerprint(&self) -> String {
-        let json = serde_json::to_string(self).expect("a spec serializes");
+        let world = WorldSpec {
+            checker: Default::default(),
+            ..self.clone()
+        };
+        let json = serde_json::to_string(&world).expect("a spec serializes");
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in json.bytes() {
             h ^= b as u64;
