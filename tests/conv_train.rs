@@ -92,6 +92,8 @@ fn conv_trainable_matches_candles_backward() {
     both_gradients(&[2, 4, 8, 6], &[3, 4, 3, 3], config(1, 2));
     both_gradients(&[1, 3, 5, 9], &[2, 3, 3, 3], config(1, 1));
     both_gradients(&[2, 6, 4, 4], &[6, 6, 1, 1], config(0, 1));
+    // A ViT's patch embedding: kernel = stride, no padding.
+    both_gradients(&[2, 3, 8, 8], &[5, 3, 4, 4], config(0, 4));
 }
 
 #[test]

@@ -154,7 +154,7 @@ fn nearest_tokens_find_the_words_a_prompt_was_made_of() {
     let vectors = table
         .index_select(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(), 0)
         .unwrap();
-    let e = nearest_tokens("A photo of {}", &vectors, table, tok, 3).unwrap();
+    let e = nearest_tokens("A photo of {}", &vectors, &bundle.text_encoder, tok, 3).unwrap();
     assert_eq!(e.nearest.len(), 2);
     assert_eq!(e.nearest[0][0].text, "dog");
     assert_eq!(e.nearest[1][0].text, "sled");
@@ -163,7 +163,7 @@ fn nearest_tokens_find_the_words_a_prompt_was_made_of() {
     assert_eq!(e.prompt, "A photo of dog sled");
     // A vector of another width is refused with both widths named.
     let wrong = Tensor::zeros((1, 8), DType::F32, &Device::Cpu).unwrap();
-    let err = nearest_tokens("{}", &wrong, table, tok, 3)
+    let err = nearest_tokens("{}", &wrong, &bundle.text_encoder, tok, 3)
         .unwrap_err()
         .to_string();
     assert!(err.contains("width 8") && err.contains("width 32"), "{err}");

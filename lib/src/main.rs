@@ -1022,7 +1022,7 @@ fn tokens(path: &Path, model: &DiffusionArgs, top: usize, json: bool) -> anyhow:
     let e = nearest_tokens(
         prompt.template(),
         prompt.vectors().as_tensor(),
-        &text_encoder.token_embedding,
+        &text_encoder,
         &tokenizer,
         top,
     )?;

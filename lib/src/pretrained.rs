@@ -73,6 +73,14 @@ pub const TEXT_ENCODER: Component = Component {
     what: "CLIPTextModel",
 };
 
+/// transformers' `CLIPVisionModelWithProjection` (diffusers' IP-Adapter `image_encoder/`).
+pub const IMAGE_ENCODER: Component = Component {
+    subfolder: "image_encoder",
+    config: "config.json",
+    weights: Some(("model", "pytorch_model")),
+    what: "CLIPVisionModelWithProjection",
+};
+
 pub const SCHEDULER: Component = Component {
     subfolder: "scheduler",
     config: "scheduler_config.json",

@@ -33,7 +33,7 @@ CELLS = [
     # 3: the textual explanation as the last expression
     # (a block: evcxr cannot keep a variable that borrows another one)
     "{ let b = pipeline.bundle();\n"
-    "  nearest_tokens(prompt.template(), &result.best_vectors, &b.text_encoder.token_embedding, &b.tokenizer, 3).unwrap() }",
+    "  nearest_tokens(prompt.template(), &result.best_vectors, &b.text_encoder, &b.tokenizer, 3).unwrap() }",
 ]
 
 

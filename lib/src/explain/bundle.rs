@@ -712,7 +712,14 @@ fn load_text_dir(
         }
     }
     let text_vb = ckpt.into_var_builder(dtype, device);
-    Ok((tokenizer, ClipTextModel::new(text_vb, &text_cfg)?))
+    // A model trained on a small corpus lists the tokens it saw (nearest-token explanations
+    // search only those).
+    let trained = crate::models::clip_text::read_trained_tokens(
+        &dir.join(text_encoder.subfolder),
+        text_cfg.vocab_size,
+    )?;
+    let model = ClipTextModel::new(text_vb, &text_cfg)?.with_trained_tokens(trained);
+    Ok((tokenizer, model))
 }
 
 /// The files a diffusion model needs from the Hub (fp32 weights; `.fp16` variants also load).

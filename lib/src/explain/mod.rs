@@ -25,4 +25,4 @@ pub use pipeline::{DiffusionPipeline, GradientPath, PipelineOptions, StepNoise};
 pub use recipe::{ClassObjective, Recipe, RunChoices, RunSettings};
 pub use record::{RunConfig, RunRecord, RunSummary, RunWriter};
 pub use soft_prompt::{SoftPrompt, SoftPromptInit};
-pub use tokens::{nearest_tokens, TextualExplanation};
+pub use tokens::{nearest_tokens, nearest_tokens_among, TextualExplanation};

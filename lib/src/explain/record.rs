@@ -599,7 +599,7 @@ pub fn run_recorded(
     let explanation = super::tokens::nearest_tokens(
         prompt.template(),
         &result.best_vectors,
-        &bundle.text_encoder.token_embedding,
+        &bundle.text_encoder,
         &bundle.tokenizer,
         top_k,
     )?;

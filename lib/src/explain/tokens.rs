@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::models::clip_text::ClipTextModel;
 use crate::tokenizer::ClipTokenizer;
 
 /// One vocabulary token near a soft vector.
@@ -39,13 +40,36 @@ impl std::fmt::Display for TextualExplanation {
     }
 }
 
-/// The `top_k` nearest tokens of each row of `vectors` (`[k, d]`) among the rows of `table`
-/// (`[vocab, d]`, the text encoder's `token_embedding`), by cosine similarity. Special tokens
-/// (start / end of text) are left out: they cannot be typed into a prompt.
+/// The `top_k` nearest tokens of each row of `vectors` (`[k, d]`) among the text encoder's
+/// token embeddings (`token_embedding`, `[vocab, d]`), by cosine similarity. Special tokens
+/// (start / end of text) are left out: they cannot be typed into a prompt. When the model lists
+/// its trained tokens ([`ClipTextModel::trained_tokens`], from its folder's
+/// `trained_tokens.json`), only those are candidates: a model trained on a small corpus keeps
+/// random embeddings for every other id, and those would be arbitrary neighbours.
 pub fn nearest_tokens(
     template: &str,
     vectors: &Tensor,
+    text_encoder: &ClipTextModel,
+    tokenizer: &ClipTokenizer,
+    top_k: usize,
+) -> anyhow::Result<TextualExplanation> {
+    nearest_tokens_among(
+        template,
+        vectors,
+        &text_encoder.token_embedding,
+        text_encoder.trained_tokens(),
+        tokenizer,
+        top_k,
+    )
+}
+
+/// [`nearest_tokens`] over the rows of any `table` (`[vocab, d]`), among the ids `candidates`
+/// (all when `None`; ids outside the table are an error).
+pub fn nearest_tokens_among(
+    template: &str,
+    vectors: &Tensor,
     table: &Tensor,
+    candidates: Option<&[u32]>,
     tokenizer: &ClipTokenizer,
     top_k: usize,
 ) -> anyhow::Result<TextualExplanation> {
@@ -60,6 +84,24 @@ pub fn nearest_tokens(
     if top_k == 0 {
         anyhow::bail!("top_k must be at least 1")
     }
+    if let Some(&id) = candidates
+        .unwrap_or_default()
+        .iter()
+        .find(|&&id| id as usize >= vocab)
+    {
+        anyhow::bail!("candidate token id {id} is outside the token-embedding table ({vocab} rows)")
+    }
+    let pool: Vec<usize> = match candidates {
+        Some(ids) => ids.iter().map(|&i| i as usize).collect(),
+        None => (0..vocab).collect(),
+    };
+    let pool: Vec<usize> = pool
+        .into_iter()
+        .filter(|&i| !tokenizer.is_special(i as u32))
+        .collect();
+    if pool.is_empty() {
+        anyhow::bail!("no candidate tokens: every listed trained token is a special token")
+    }
     let unit = |t: &Tensor| -> candle_core::Result<Tensor> {
         let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let norm = t.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
@@ -69,9 +111,7 @@ pub fn nearest_tokens(
     let cos: Vec<Vec<f32>> = unit(vectors)?.matmul(&unit(table)?.t()?)?.to_vec2()?;
     let mut nearest = Vec::with_capacity(k);
     for row in cos {
-        let mut order: Vec<usize> = (0..vocab)
-            .filter(|&i| !tokenizer.is_special(i as u32))
-            .collect();
+        let mut order = pool.clone();
         let n = top_k.min(order.len());
         order.select_nth_unstable_by(n.saturating_sub(1), |&a, &b| row[b].total_cmp(&row[a]));
         order.truncate(n);

@@ -219,6 +219,46 @@ pub struct ClipTextModel {
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
     cfg: ClipTextConfig,
+    /// The ids whose embeddings were trained (sorted), when the model folder says so in
+    /// [`TRAINED_TOKENS_FILE`]; `None`: every id (a real CLIP checkpoint).
+    trained_tokens: Option<Vec<u32>>,
+}
+
+/// Beside a text encoder's `config.json`: the token ids its training saw, for a model trained on
+/// a small corpus (the ShapesWorld CLIP, `world::clip`). Not a transformers file; transformers
+/// ignores it. JSON: `{"token_ids": [ids, sorted], "tokens": [the vocabulary entries], ...}`.
+/// Nearest-token explanations search only these ids ([`crate::explain::nearest_tokens`]): the
+/// embeddings of ids never seen keep their random initialization and would otherwise be
+/// arbitrary neighbours.
+pub const TRAINED_TOKENS_FILE: &str = "trained_tokens.json";
+
+/// Reads `text_encoder_dir/`[`TRAINED_TOKENS_FILE`]: `None` when absent; an error naming the
+/// file when it is unreadable, empty, or holds an id outside `0..vocab_size`.
+pub fn read_trained_tokens(text_encoder_dir: &Path, vocab_size: usize) -> Result<Option<Vec<u32>>> {
+    let path = text_encoder_dir.join(TRAINED_TOKENS_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    #[derive(Deserialize)]
+    struct File {
+        token_ids: Vec<u32>,
+    }
+    let bad = |what: String| candle_core::Error::Msg(format!("{}: {what}", path.display()));
+    let bytes = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+    let file: File = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(format!("expected {{\"token_ids\": [ids]}} ({e})")))?;
+    let mut ids = file.token_ids;
+    if ids.is_empty() {
+        return Err(bad("token_ids is empty".into()));
+    }
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+        return Err(bad(format!(
+            "token id {id} is outside the text encoder's vocabulary of size {vocab_size}"
+        )));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(Some(ids))
 }
 
 impl ClipTextModel {
@@ -246,7 +286,19 @@ impl ClipTextModel {
             layers,
             final_layer_norm: LayerNorm::new(vb.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
             cfg: cfg.clone(),
+            trained_tokens: None,
         })
+    }
+
+    /// Marks which token ids were trained (see [`TRAINED_TOKENS_FILE`]); `None`: all.
+    pub fn with_trained_tokens(mut self, ids: Option<Vec<u32>>) -> Self {
+        self.trained_tokens = ids;
+        self
+    }
+
+    /// The trained token ids (sorted), when the model folder listed them.
+    pub fn trained_tokens(&self) -> Option<&[u32]> {
+        self.trained_tokens.as_deref()
     }
 
     /// Loads `<dir>/text_encoder/config.json` and `<dir>/text_encoder/model[.<variant>]
@@ -262,7 +314,8 @@ impl ClipTextModel {
         let dir = dir.as_ref();
         let cfg = ClipTextConfig::from_file(config_path(dir, &TEXT_ENCODER)?)?;
         let weights = open_weights(dir, &TEXT_ENCODER, variant)?;
-        Self::new(weights.into_var_builder(dtype, device), &cfg)
+        let trained = read_trained_tokens(&dir.join(TEXT_ENCODER.subfolder), cfg.vocab_size)?;
+        Ok(Self::new(weights.into_var_builder(dtype, device), &cfg)?.with_trained_tokens(trained))
     }
 
     pub fn config(&self) -> &ClipTextConfig {

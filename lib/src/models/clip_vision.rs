@@ -375,6 +375,28 @@ impl ClipVisionModelWithProjection {
         })
     }
 
+    /// Loads `<dir>/image_encoder/config.json` and its `model[.<variant>].safetensors` (a
+    /// diffusers folder's `image_encoder/`, see [`crate::pretrained`]), converting the weights
+    /// to `dtype` on `device`.
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        use crate::pretrained::{config_path, open_weights, IMAGE_ENCODER};
+        let dir = dir.as_ref();
+        let cfg = ClipVisionConfig::from_file(config_path(dir, &IMAGE_ENCODER)?)?;
+        let weights = open_weights(dir, &IMAGE_ENCODER, variant)?;
+        Self::new(weights.into_var_builder(dtype, device), &cfg)
+    }
+
+    /// CLIP's image embedding of `pixel_values` (normalized as the model's image processor
+    /// says): `visual_projection(pooler_output)`, `[b, projection_dim]`.
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.image_embeds(&self.vision_model.forward(pixel_values)?.pooler_output)
+    }
+
     /// `visual_projection(pooler_output)`, `[b, projection_dim]`.
     pub fn image_embeds(&self, pooler_output: &Tensor) -> Result<Tensor> {
         self.visual_projection.forward(pooler_output)

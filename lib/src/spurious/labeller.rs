@@ -167,7 +167,7 @@ pub fn label_class(
         let explanation = nearest_tokens(
             &config.template,
             &result.best_vectors,
-            &bundle.text_encoder.token_embedding,
+            &bundle.text_encoder,
             &bundle.tokenizer,
             config.nearest_top,
         )?;

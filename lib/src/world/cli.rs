@@ -48,6 +48,9 @@ pub enum WorldCommand {
     /// Measure a trained UNet (and its snapshots) on held-out captions with the checker;
     /// write sample grids.
     CheckUnet(super::cli_unet::CheckUnetArgs),
+    /// Train CLIP's text and vision towers contrastively on (image, caption) pairs and write
+    /// the tokenizer/, text_encoder/ and image_encoder/ folders; report zero-shot scores.
+    TrainClip(super::cli_models::TrainClipArgs),
 }
 
 #[derive(Args, Debug)]
@@ -150,6 +153,7 @@ pub fn run(args: &WorldArgs) -> anyhow::Result<()> {
         WorldCommand::CheckVae(a) => super::cli_models::run_check_vae(a),
         WorldCommand::TrainUnet(a) => super::cli_unet::run_train_unet(a),
         WorldCommand::CheckUnet(a) => super::cli_unet::run_check_unet(a),
+        WorldCommand::TrainClip(a) => super::cli_models::run_train_clip(a),
     }
 }
 

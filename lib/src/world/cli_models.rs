@@ -1,7 +1,8 @@
-//! `diffexplainer world train-checker | train-vae`: ShapesWorld II's models, one command each.
+//! `diffexplainer world train-checker | train-vae | train-clip`: ShapesWorld II's models, one command each.
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 
 use super::autoencoder::{self, Reconstruction, VaeTrainConfig};
@@ -258,5 +259,98 @@ pub fn run_check_vae(a: &CheckVaeArgs) -> anyhow::Result<()> {
     let path = a.model.join("vae").join("round_trip.json");
     crate::io::write_bytes_atomically(&path, &serde_json::to_vec_pretty(&curve)?)?;
     println!("wrote {}", path.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct TrainClipArgs {
+    #[command(flatten)]
+    pub spec: SpecArg,
+    /// Output folder: OUT/diffusion/{tokenizer, text_encoder, image_encoder, feature_extractor}/
+    /// and OUT/clip/report.json (a rerun with the same settings resumes from OUT/clip/checkpoint/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A TOML file of `ClipTrainConfig` fields (architecture and training; unknown keys are
+    /// refused); the flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Balanced images to train on (held-out combinations skipped).
+    #[arg(long)]
+    pub train_images: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak AdamW learning rate (cosine decay to 0).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Every this many steps, write the model folders from the current weights and measure the
+    /// zero-shot scores (0: only at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Held-out images for the measurements along training.
+    #[arg(long)]
+    pub curve_images: Option<usize>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run_train_clip(a: &TrainClipArgs) -> anyhow::Result<()> {
+    use super::clip::{self, ClipTrainConfig};
+    let spec = a.spec.load()?;
+    let mut config = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<ClipTrainConfig>(&text)
+                .with_context(|| format!("{}: not a CLIP training config", path.display()))?
+        }
+        None => ClipTrainConfig::default(),
+    };
+    if let Some(v) = a.train_images {
+        config.train_images = v;
+    }
+    if let Some(v) = a.epochs {
+        config.epochs = v;
+    }
+    if let Some(v) = a.batch_size {
+        config.batch_size = v;
+    }
+    if let Some(v) = a.lr {
+        config.lr = v;
+    }
+    if let Some(v) = a.seed {
+        config.seed = v;
+    }
+    if let Some(v) = a.eval_every {
+        config.eval_every = v;
+    }
+    if let Some(v) = a.curve_images {
+        config.curve_images = v;
+    }
+    config.check(&spec)?;
+    eprintln!(
+        "training CLIP on {} balanced images (held-out combinations skipped), {} epochs of \
+         batches of {} ({} threads)",
+        config.train_images,
+        config.epochs,
+        config.batch_size,
+        candle_core::utils::get_num_threads()
+    );
+    let record = clip::train_and_save(&spec, &config, &a.out, !a.quiet)?;
+    println!(
+        "trained in {:.1} s (text {} + vision {} parameters, logit scale {:.2}); epoch losses \
+         {:?}; wrote {}",
+        record.seconds,
+        record.text_parameters,
+        record.vision_parameters,
+        record.logit_scale,
+        record.epoch_losses,
+        clip::diffusion_dir(&a.out).display()
+    );
+    println!("{}", clip::scores_line(&record.final_scores));
     Ok(())
 }

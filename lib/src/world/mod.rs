@@ -13,11 +13,13 @@
 //! - [`checker`]: the attribute checker (ShapesWorld II), an independent multi-head classifier
 //!   trained on the balanced distribution that judges generated and reconstructed images;
 //! - [`autoencoder`]: diffusers' `AutoencoderKL` trained on world images (ShapesWorld II);
+//! - [`clip`]: CLIP's text and vision towers trained contrastively on (image, caption) pairs
+//!   (ShapesWorld II), and [`clip_eval`]: its zero-shot measurements;
 //! - [`train_all`]: `world train`, every model of a world from one spec, resumable;
 //! - [`diffusion`]: diffusers' `UNet2DConditionModel` trained on the autoencoder's latents,
 //!   conditioned on the CLIP text tower (ShapesWorld II);
-//! - [`cli`]: `diffexplainer world train | render | train-classifier | truth | train-checker | train-vae
-//!   | train-unet | check-unet`.
+//! - [`cli`]: `diffexplainer world train | render | train-classifier | truth | train-checker |
+//!   train-vae | train-clip | train-unet | check-unet`.
 
 pub mod autoencoder;
 pub mod checker;
@@ -25,6 +27,8 @@ pub mod classifier;
 pub mod cli;
 mod cli_models;
 mod cli_unet;
+pub mod clip;
+pub mod clip_eval;
 pub mod diffusion;
 pub mod heldout;
 pub mod net;
