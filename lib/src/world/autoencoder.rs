@@ -125,7 +125,7 @@ impl VaeTrainConfig {
                 self.block_out_channels
             )
         }
-        if image_size % (1 << (n - 1)) != 0 {
+        if !image_size.is_multiple_of(1 << (n - 1)) {
             anyhow::bail!(
                 "vae config: block_out_channels = {:?}: {n} blocks halve the image {} times, \
                  but the image side {image_size} is not divisible by {}",
@@ -416,7 +416,8 @@ pub fn scaling_factor(vae: &AutoencoderKL, images: &Tensor) -> anyhow::Result<f6
     let n = z.len() as f64;
     let mean = z.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = z.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    if !(var > 0.0) {
+    // Also refuses a NaN variance.
+    if var.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         anyhow::bail!("the latents have zero variance: the autoencoder has not trained")
     }
     Ok(1.0 / var.sqrt())
@@ -444,6 +445,7 @@ pub struct VaeRecord {
 /// runs before the step (snapshots, the round-trip curve); `resumed_at` is the step the
 /// checkpoint resumes from, so `step` counts from the start of training. An error from
 /// `on_eval` stops training.
+#[allow(clippy::too_many_arguments)]
 pub fn train_on(
     model: &TrainableVae,
     images: &Tensor,
@@ -466,7 +468,7 @@ pub fn train_on(
         "vae",
         progress,
         |indices| {
-            if every > 0 && step > resumed_at && step % every == 0 {
+            if every > 0 && step > resumed_at && step.is_multiple_of(every) {
                 // A failed measurement stops training (the last checkpoint stays resumable).
                 on_eval(step, &model.vae)
                     .map_err(|e| candle_core::Error::Msg(format!("at step {step}: {e:#}")))?;
