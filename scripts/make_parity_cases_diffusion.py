@@ -133,8 +133,8 @@ def unet_case(out_dir, name, model, generator, timestep, size=(8, 8)):
               inputs=inputs, grad_inputs=["sample", "encoder_hidden_states"], run=run)
 
 
-def tiny_vae():
-    return AutoencoderKL(
+def tiny_vae(**overrides):
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -145,6 +145,8 @@ def tiny_vae():
         norm_num_groups=4,
         sample_size=16,
     )
+    config.update(overrides)
+    return AutoencoderKL(**config)
 
 
 class FixedNoise:
@@ -244,6 +246,24 @@ def unet_odd_size_case(out_dir):
     unet_case(out_dir, "unet2d_condition_odd_size", model, gen, timestep=250.0, size=(10, 6))
 
 
+def vae_no_mid_attention_cases(out_dir):
+    """Encoder and decoder with `mid_block_add_attention=False` (the world's autoencoder has no
+    mid-block attention). Their own generator, so the other cases keep their numbers."""
+    gen = torch.Generator().manual_seed(SEED + 13)
+    vae = tiny_vae(mid_block_add_attention=False)
+    randomize_(vae, gen)
+    latents = torch.randn(2, 4, 4, 4, generator=gen, dtype=torch.float64)
+    save_case(out_dir, "vae_decoder_no_mid_attention", kind="vae_decoder", model=vae,
+              cls=AutoencoderKL, inputs={"latents": latents}, grad_inputs=["latents"],
+              run=lambda m, x: {"sample": m.decode(x["latents"]).sample})
+    vae = tiny_vae(mid_block_add_attention=False)
+    randomize_(vae, gen)
+    image = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1
+    save_case(out_dir, "vae_encoder_no_mid_attention", kind="vae_encoder", model=vae,
+              cls=AutoencoderKL, inputs={"image": image}, grad_inputs=["image"],
+              run=lambda m, x: {"latent_mean": m.encode(x["image"]).latent_dist.mean})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "parity", "cases"))
@@ -254,7 +274,9 @@ def main():
         lcm_sample_decode_case(out, "lcm_sample_decode")
     if args.only is None or "unet2d_condition_odd_size" in args.only:
         unet_odd_size_case(out)
-    alone = {"lcm_sample_decode", "unet2d_condition_odd_size"}
+    if args.only is None or "vae_no_mid_attention" in args.only:
+        vae_no_mid_attention_cases(out)
+    alone = {"lcm_sample_decode", "unet2d_condition_odd_size", "vae_no_mid_attention"}
     if args.only is not None and not set(args.only) <= alone:
         parser.error(f"--only supports {sorted(alone)} (the other cases share one generator)")
     if args.only is not None:

@@ -18,6 +18,7 @@ fn tiny() -> VaeTrainConfig {
         lr: 3e-3,
         block_out_channels: vec![8, 8],
         norm_num_groups: 4,
+        eval_every: 0,
         ..VaeTrainConfig::default()
     }
 }
@@ -55,16 +56,36 @@ fn bits(model: &TrainableVae) -> Vec<(String, Vec<u32>)> {
 
 #[test]
 fn a_few_steps_lower_the_loss() {
-    let (_, losses) = train_tiny(&tiny(), None);
-    let (first, last) = (losses[0], losses[losses.len() - 1]);
-    assert!(last < 0.8 * first, "the loss did not fall: {losses:?}");
+    // The default architecture (no mid-block attention), 24 steps of 16 images.
+    let config = VaeTrainConfig {
+        epochs: 12,
+        ..tiny()
+    };
+    let (_, losses) = train_tiny(&config, None);
+    let last4 = losses[losses.len() - 4..].iter().sum::<f32>() / 4.0;
+    assert!(last4 < 0.8 * losses[0], "the loss did not fall: {losses:?}");
 }
 
 #[test]
 fn every_parameter_gets_a_gradient() {
+    for attention in [false, true] {
+        every_parameter_gets_a_gradient_with(attention);
+    }
+}
+
+fn every_parameter_gets_a_gradient_with(mid_block_add_attention: bool) {
     let spec = WorldSpec::default_world();
-    let config = tiny();
+    let config = VaeTrainConfig {
+        mid_block_add_attention,
+        ..tiny()
+    };
     let model = TrainableVae::new(&config.model_config(spec.image_size).unwrap(), 0).unwrap();
+    let names: Vec<String> = model.vars().unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names.iter().any(|n| n.contains("mid_block.attentions")),
+        mid_block_add_attention,
+        "{names:?}"
+    );
     let (x, _) = checker::balanced_images(&spec, 0, 4).unwrap();
     let eps = Tensor::zeros((4, 4, 16, 16), DType::F32, &Device::Cpu).unwrap();
     let (loss, _, _) =
@@ -133,7 +154,7 @@ fn the_vae_folder_loads_through_the_diffusers_loader() {
         epochs: 1,
         ..tiny()
     };
-    let record = autoencoder::train_and_save(&spec, &config, None, &dir, 0, 8, false).unwrap();
+    let record = autoencoder::train_and_save(&spec, &config, &dir, false).unwrap();
     assert_eq!(record.latent_size, 16);
     assert!(record.scaling_factor.is_finite() && record.scaling_factor > 0.0);
     assert!(dir.join("vae/config.json").is_file());
@@ -177,7 +198,7 @@ fn bad_configs_are_named() {
         train_images: 0,
         ..tiny()
     };
-    let e = autoencoder::train_and_save(&spec, &c, None, &dir, 0, 8, false)
+    let e = autoencoder::train_and_save(&spec, &c, &dir, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("train_images = 0"), "{e}");
@@ -186,4 +207,32 @@ fn bad_configs_are_named() {
         "nothing is written for a bad config"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn config_files_take_defaults_and_refuse_unknown_keys() {
+    let c: VaeTrainConfig = serde_json::from_str(r#"{"epochs": 2}"#).unwrap();
+    assert_eq!(
+        c,
+        VaeTrainConfig {
+            epochs: 2,
+            ..VaeTrainConfig::default()
+        }
+    );
+    let e = serde_json::from_str::<VaeTrainConfig>(r#"{"mid_block_attention": false}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `mid_block_attention`"), "{e}");
+    let c = VaeTrainConfig {
+        curve_images: 0,
+        ..tiny()
+    };
+    assert!(c.check(32).is_ok(), "no curve without eval_every");
+    let c = VaeTrainConfig {
+        curve_images: 0,
+        eval_every: 5,
+        ..tiny()
+    };
+    let e = c.check(32).unwrap_err().to_string();
+    assert!(e.contains("curve_images = 0"), "{e}");
 }

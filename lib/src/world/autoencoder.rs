@@ -46,8 +46,11 @@ pub enum Reconstruction {
     Mse,
 }
 
-/// The autoencoder's architecture and training (recorded in `report.json`).
+/// The autoencoder's architecture and training (recorded in `report.json`). `Default` is the
+/// default world's autoencoder (docs/shapesworld-ii.md has the runs that chose it); in a
+/// spec or JSON, absent fields take the default and unknown ones are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct VaeTrainConfig {
     /// Seed of the initial weights, the batch order and the posterior noise.
     pub seed: u64,
@@ -57,6 +60,7 @@ pub struct VaeTrainConfig {
     pub eval_images: usize,
     pub epochs: usize,
     pub batch_size: usize,
+    /// Peak learning rate (AdamW, cosine decay to 0 over all steps).
     pub lr: f64,
     pub weight_decay: f64,
     /// diffusers' `block_out_channels`: one block per entry; the latents are the image side
@@ -65,17 +69,16 @@ pub struct VaeTrainConfig {
     pub layers_per_block: usize,
     pub latent_channels: usize,
     pub norm_num_groups: usize,
-    /// The mid block's self-attention (diffusers' `mid_block_add_attention`).
-    pub mid_block_attention: bool,
+    /// diffusers' `mid_block_add_attention`: the mid blocks' single-head self-attention.
+    pub mid_block_add_attention: bool,
     pub reconstruction: Reconstruction,
     pub kl_weight: f64,
     /// Write a resumable checkpoint every this many steps (and at the end).
-    #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: usize,
-}
-
-fn default_checkpoint_every() -> usize {
-    100
+    /// Every this many steps, snapshot the weights to `vae/snapshots/` and, with a checker,
+    /// measure the round trip on the first `curve_images` held-out images (0: only at the end).
+    pub eval_every: usize,
+    pub curve_images: usize,
 }
 
 impl Default for VaeTrainConfig {
@@ -84,18 +87,20 @@ impl Default for VaeTrainConfig {
             seed: 0,
             train_images: 12000,
             eval_images: 600,
-            epochs: 2,
-            batch_size: 32,
+            epochs: 6,
+            batch_size: 16,
             lr: 2e-3,
             weight_decay: 0.0,
-            block_out_channels: vec![32, 64],
+            block_out_channels: vec![16, 32],
             layers_per_block: 1,
             latent_channels: 4,
-            norm_num_groups: 16,
-            mid_block_attention: true,
+            norm_num_groups: 8,
+            mid_block_add_attention: false,
             reconstruction: Reconstruction::L1,
             kl_weight: 1e-6,
-            checkpoint_every: default_checkpoint_every(),
+            checkpoint_every: 100,
+            eval_every: 250,
+            curve_images: 300,
         }
     }
 }
@@ -120,7 +125,7 @@ impl VaeTrainConfig {
                 self.block_out_channels
             )
         }
-        if image_size % (1 << (n - 1)) != 0 {
+        if !image_size.is_multiple_of(1 << (n - 1)) {
             anyhow::bail!(
                 "vae config: block_out_channels = {:?}: {n} blocks halve the image {} times, \
                  but the image side {image_size} is not divisible by {}",
@@ -160,6 +165,12 @@ impl VaeTrainConfig {
                 "vae config: epochs = {}, batch_size = {}: must be positive",
                 self.epochs,
                 self.batch_size
+            )
+        }
+        if self.eval_every > 0 && self.curve_images == 0 {
+            anyhow::bail!(
+                "vae config: curve_images = 0 with eval_every = {}: nothing to measure along training",
+                self.eval_every
             )
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
@@ -205,7 +216,7 @@ impl VaeTrainConfig {
             "force_upcast": true,
             "use_quant_conv": true,
             "use_post_quant_conv": true,
-            "mid_block_add_attention": self.mid_block_attention,
+            "mid_block_add_attention": self.mid_block_add_attention,
         })
     }
 
@@ -405,7 +416,8 @@ pub fn scaling_factor(vae: &AutoencoderKL, images: &Tensor) -> anyhow::Result<f6
     let n = z.len() as f64;
     let mean = z.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = z.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    if !(var > 0.0) {
+    // Also refuses a NaN variance.
+    if var.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         anyhow::bail!("the latents have zero variance: the autoencoder has not trained")
     }
     Ok(1.0 / var.sqrt())
@@ -433,6 +445,7 @@ pub struct VaeRecord {
 /// runs before the step (snapshots, the round-trip curve); `resumed_at` is the step the
 /// checkpoint resumes from, so `step` counts from the start of training. An error from
 /// `on_eval` stops training.
+#[allow(clippy::too_many_arguments)]
 pub fn train_on(
     model: &TrainableVae,
     images: &Tensor,
@@ -455,7 +468,7 @@ pub fn train_on(
         "vae",
         progress,
         |indices| {
-            if every > 0 && step > resumed_at && step % every == 0 {
+            if every > 0 && step > resumed_at && step.is_multiple_of(every) {
                 // A failed measurement stops training (the last checkpoint stays resumable).
                 on_eval(step, &model.vae)
                     .map_err(|e| candle_core::Error::Msg(format!("at step {step}: {e:#}")))?;
@@ -502,21 +515,30 @@ fn checkpoint_step(dir: &Path) -> usize {
 
 /// Trains the autoencoder for `spec` and writes the model folder `out`: `out/vae/config.json`,
 /// `out/vae/diffusion_pytorch_model.safetensors` (diffusers' layout, loaded by
-/// [`AutoencoderKL::from_pretrained`]) and `out/vae/report.json`. With a `checker`, measures
-/// the round trip every `eval_every` steps on the first `curve_images` held-out images and at
-/// the end on all of them; every `eval_every` steps it also writes the weights to
-/// `out/vae/snapshots/step-NNNNNN.safetensors` (for [`snapshot_curve`]). The checkpoint lives in `out/vae/checkpoint/` while training (a rerun
-/// with the same config resumes) and is removed at the end.
-#[allow(clippy::too_many_arguments)]
+/// [`AutoencoderKL::from_pretrained`]) and `out/vae/report.json`. Every `config.eval_every`
+/// steps it writes the weights to `out/vae/snapshots/step-NNNNNN.safetensors` (for
+/// [`snapshot_curve`]). The checkpoint lives in `out/vae/checkpoint/` while training (a rerun
+/// with the same config resumes) and is removed at the end. See [`train_and_save_checked`] to
+/// measure the round trip along training.
 pub fn train_and_save(
+    spec: &WorldSpec,
+    config: &VaeTrainConfig,
+    out: &Path,
+    progress: bool,
+) -> anyhow::Result<VaeRecord> {
+    train_and_save_checked(spec, config, None, out, progress)
+}
+
+/// [`train_and_save`], and with a `checker` the round trip every `config.eval_every` steps on
+/// the first `config.curve_images` held-out images and at the end on all `eval_images`.
+pub fn train_and_save_checked(
     spec: &WorldSpec,
     config: &VaeTrainConfig,
     checker: Option<&Checker>,
     out: &Path,
-    eval_every: usize,
-    curve_images: usize,
     progress: bool,
 ) -> anyhow::Result<VaeRecord> {
+    let (eval_every, curve_images) = (config.eval_every, config.curve_images);
     config.check(spec.image_size)?;
     if let Some(c) = checker {
         c.check_fits(spec)?;

@@ -122,19 +122,19 @@ pub struct TrainVaeArgs {
     pub norm_num_groups: usize,
     #[arg(long, default_value_t = VaeTrainConfig::default().layers_per_block)]
     pub layers_per_block: usize,
-    /// Leave out the mid block's self-attention.
-    #[arg(long)]
-    pub no_mid_block_attention: bool,
+    /// diffusers' mid_block_add_attention: the mid blocks' self-attention.
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = VaeTrainConfig::default().mid_block_add_attention)]
+    pub mid_block_add_attention: bool,
     #[arg(long, value_enum, default_value_t = Reconstruction::L1)]
     pub reconstruction: Reconstruction,
     #[arg(long, default_value_t = VaeTrainConfig::default().kl_weight)]
     pub kl_weight: f64,
     /// Every this many steps, snapshot the weights (vae/snapshots/) and, with --checker,
     /// measure the round trip (0: only at the end).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = VaeTrainConfig::default().eval_every)]
     pub eval_every: usize,
     /// Held-out images for the measurements along training.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = VaeTrainConfig::default().curve_images)]
     pub curve_images: usize,
     /// Hide the progress bar.
     #[arg(long)]
@@ -155,7 +155,9 @@ pub fn run_train_vae(a: &TrainVaeArgs) -> anyhow::Result<()> {
         layers_per_block: a.layers_per_block,
         latent_channels: a.latent_channels,
         norm_num_groups: a.norm_num_groups,
-        mid_block_attention: !a.no_mid_block_attention,
+        mid_block_add_attention: a.mid_block_add_attention,
+        eval_every: a.eval_every,
+        curve_images: a.curve_images,
         reconstruction: a.reconstruction,
         kl_weight: a.kl_weight,
         ..VaeTrainConfig::default()
@@ -181,15 +183,8 @@ pub fn run_train_vae(a: &TrainVaeArgs) -> anyhow::Result<()> {
         s,
         candle_core::utils::get_num_threads()
     );
-    let record = autoencoder::train_and_save(
-        &spec,
-        &config,
-        checker.as_ref(),
-        &a.out,
-        a.eval_every,
-        a.curve_images,
-        !a.quiet,
-    )?;
+    let record =
+        autoencoder::train_and_save_checked(&spec, &config, checker.as_ref(), &a.out, !a.quiet)?;
     println!(
         "trained in {:.1} s ({} parameters); epoch losses {:?}; scaling_factor {:.5}; wrote {}",
         record.seconds,
