@@ -11,13 +11,12 @@
 //!   input's patches gathered with strided views (the transpose of im2col);
 //! - the bias's gradient, the sum of `grad` over batch and space.
 //!
-//! On the CPU in f32/f64 the forward itself is ours too ([`conv2d_gemm`]): one im2col of the
-//! NCHW input into `[b, c·kh·kw, ho·wo]` (contiguous row spans, no transposes) and one GEMM per
-//! image with the `[o, c·kh·kw]` weight, which lands in NCHW directly. The backward reuses those
-//! patches: the weight's gradient is `Σ_b grad_b · patches_bᵀ`, the input's is the col2im
-//! (scatter-add) of `Wᵀ · grad`, the bias's two contiguous sums. candle's tiled conv2d builds its
-//! patches with a strided scatter per element; a training step of the world's autoencoder spent
-//! over a third of its time there and in the polyphase input gradient's convolutions.
+//! On the CPU in f32/f64 the backward is ours ([`conv2d_gemm`]): one im2col of the NCHW input
+//! into `[b, c·kh·kw, ho·wo]` (contiguous row spans, no transposes); the weight's gradient is
+//! `Σ_b grad_b · patches_bᵀ` (batched GEMMs), the input's the col2im (scatter-add) of
+//! `Wᵀ · grad`, the bias's two contiguous sums. candle's tiled conv2d builds its patches with a
+//! strided scatter per element; the polyphase input gradient ran it s² times per conv. The
+//! forward stays candle's conv2d, so values equal the frozen path's bit for bit.
 //!
 //! Groups and dilation other than 1 keep candle's path. `tests/conv_train.rs` checks all three
 //! gradients against candle's conv backward and by finite differences.
@@ -333,13 +332,14 @@ fn conv2d_gemm(
         )
     }
     let (b, hw) = (p.b, p.ho * p.wo);
-    let cols = x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(p))?;
+    let xd = x.detach().contiguous()?;
     let wm = weight.detach().contiguous()?.reshape((o, p.rows()))?;
-    let mut y = wm.broadcast_left(b)?.matmul(&cols)?; // [b, o, ho·wo]
+    // The forward is candle's conv2d, so values equal the frozen path's bit for bit (a model
+    // over `Var`s and the same model loaded from its folder give identical outputs).
+    let mut y = xd.conv2d(&weight.detach(), config.padding, config.stride, 1, 1)?;
     if let Some(bias) = bias {
-        y = y.broadcast_add(&bias.detach().reshape((1, o, 1))?)?;
+        y = y.broadcast_add(&bias.detach().reshape((1, o, 1, 1))?)?;
     }
-    let y = y.reshape((b, o, p.ho, p.wo))?;
     let third = match bias {
         Some(b) => b.clone(),
         None => Tensor::zeros((), x.dtype(), x.device())?,
@@ -349,6 +349,7 @@ fn conv2d_gemm(
     let w_shape = weight.dims().to_vec();
     super::frozen::attach3(x, weight, &third, y, move |grad| {
         let g = grad.contiguous()?.reshape((b, o, hw))?;
+        let cols = xd.apply_op1_no_bwd(&Im2Col(p))?;
         let gx = if x_tracked {
             let gcols = wm.t()?.broadcast_left(b)?.matmul(&g)?.contiguous()?;
             gcols.apply_op1_no_bwd(&Col2Im(p))?
