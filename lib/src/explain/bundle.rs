@@ -800,7 +800,7 @@ impl ModelSpec {
                         c.arch
                     ),
                     fetch: format!(
-                        "curl -L -o {} {TORCHVISION_MODELS_URL}/{file}  (or pass \
+                        "curl -L --create-dirs -o {} {TORCHVISION_MODELS_URL}/{file}  (or pass \
                          --classifier-checkpoint PATH)",
                         path.display()
                     ),
