@@ -113,6 +113,12 @@ fn other_worlds_configs_and_folders_are_refused_before_training() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("finished with another `config`"), "{err}");
+    // Removing the checker's folder retrains it with the new table; the classifier is kept.
+    std::fs::remove_dir_all(diffexplainer::world::train_all::WorldModel::Checker.dir(&out))
+        .unwrap();
+    let redone = train_world(&edited, &out, &[WorldModel::Checker], false, |_| {}).unwrap();
+    assert!(!redone[0].skipped);
+    assert_eq!(WorldSpec::from_file(spec_path(&out)).unwrap(), edited);
     // The classifier does not depend on the checker's table: the world's fingerprint leaves
     // model tables out.
     assert_eq!(edited.fingerprint(), spec.fingerprint());

@@ -69,7 +69,9 @@ pub fn claim_folder(spec: &WorldSpec, out: &Path) -> anyhow::Result<()> {
     let path = spec_path(out);
     if path.exists() {
         let held = WorldSpec::from_file(&path)?;
-        if held != *spec {
+        // The world, not the model tables: each finished model's report is checked against
+        // its own table, so a changed `[checker]` only retrains the checker.
+        if held.fingerprint() != spec.fingerprint() {
             anyhow::bail!(
                 "{}: this folder holds a world trained from another spec (fingerprint {} here, \
                  {} asked); use another --out",
@@ -77,6 +79,10 @@ pub fn claim_folder(spec: &WorldSpec, out: &Path) -> anyhow::Result<()> {
                 held.fingerprint(),
                 spec.fingerprint()
             );
+        }
+        if held != *spec {
+            let text = toml::to_string(spec).context("serializing the spec")?;
+            crate::io::write_bytes_atomically(&path, text.as_bytes())?;
         }
         return Ok(());
     }
