@@ -81,7 +81,7 @@ impl Trainable {
             VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
             &config,
         )?;
-        let mut named = sorted_vars(&varmap)?;
+        let mut named = train::sorted_vars(&varmap)?;
         let mut rng = SeededRng::new(seed);
         for (name, var) in named.iter_mut() {
             let dims = var.dims().to_vec();
@@ -121,13 +121,13 @@ impl Trainable {
         };
         Ok(TrainNet::new(
             config,
-            &sorted_vars(&self.varmap)?.into_iter().collect(),
+            &train::sorted_vars(&self.varmap)?.into_iter().collect(),
         )?)
     }
 
     /// The variables the optimizer updates (all but the running statistics), by name.
     pub fn trainable_vars(&self) -> anyhow::Result<Vec<(String, Var)>> {
-        Ok(sorted_vars(&self.varmap)?
+        Ok(train::sorted_vars(&self.varmap)?
             .into_iter()
             .filter(|(n, _)| !is_running_stat(n))
             .collect())
@@ -135,7 +135,7 @@ impl Trainable {
 
     /// Batch norm's running statistics, which training updates outside the optimizer.
     pub fn buffers(&self) -> anyhow::Result<Vec<(String, Var)>> {
-        Ok(sorted_vars(&self.varmap)?
+        Ok(train::sorted_vars(&self.varmap)?
             .into_iter()
             .filter(|(n, _)| is_running_stat(n))
             .collect())
@@ -147,7 +147,7 @@ impl Trainable {
         &self,
         batches: usize,
     ) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
-        let mut out: std::collections::HashMap<String, Tensor> = sorted_vars(&self.varmap)?
+        let mut out: std::collections::HashMap<String, Tensor> = train::sorted_vars(&self.varmap)?
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().copy().expect("a CPU copy")))
             .collect();
@@ -172,16 +172,6 @@ fn is_running_stat(name: &str) -> bool {
 fn is_norm_weight(name: &str) -> bool {
     name.ends_with("weight")
         && (name.contains(".bn") || name.starts_with("bn") || name.contains("downsample.1"))
-}
-
-fn sorted_vars(varmap: &VarMap) -> anyhow::Result<Vec<(String, Var)>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned variable map"))?;
-    let mut named: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(named)
 }
 
 /// Mean cross-entropy of `logits` `[b, k]` against `labels` `[b]` (u32).

@@ -351,3 +351,56 @@ pub fn train(
 pub fn checkpoint_dir(out: &Path) -> PathBuf {
     out.join("checkpoint")
 }
+
+/// The variables of `varmap` sorted by name: the order every world trainer initializes,
+/// optimizes and checkpoints in.
+pub fn sorted_vars(varmap: &candle_nn::VarMap) -> anyhow::Result<Vec<(String, Var)>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned variable map"))?;
+    let mut named: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(named)
+}
+
+/// Copies of every variable of `varmap` by name (what a model folder saves).
+pub fn var_tensors(varmap: &candle_nn::VarMap) -> anyhow::Result<HashMap<String, Tensor>> {
+    sorted_vars(varmap)?
+        .into_iter()
+        .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
+        .collect()
+}
+
+/// PyTorch's default initialization of each layer, drawn from [`SeededRng`] `seed` over the
+/// sorted names: uniform `±1/√fan_in` for conv and linear weights and for the bias beside such
+/// a weight; norms (rank-1 weights) the identity (weight 1, bias 0).
+pub fn init_pytorch_default(varmap: &candle_nn::VarMap, seed: u64) -> anyhow::Result<()> {
+    let vars = sorted_vars(varmap)?;
+    let dims_of = |name: &str| {
+        vars.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.dims().to_vec())
+    };
+    let mut rng = SeededRng::new(seed);
+    for (name, var) in &vars {
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        // The layer's weight: itself, or the weight beside a bias.
+        let weight_dims = match name.strip_suffix(".bias") {
+            Some(stem) => dims_of(&format!("{stem}.weight")).unwrap_or_default(),
+            None => dims.clone(),
+        };
+        let values: Vec<f32> = if weight_dims.len() <= 1 {
+            vec![if name.ends_with(".weight") { 1.0 } else { 0.0 }; n]
+        } else {
+            let fan_in: usize = weight_dims[1..].iter().product();
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..n)
+                .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
+                .collect()
+        };
+        var.set(&Tensor::from_vec(values, dims, &candle_core::Device::Cpu)?)?;
+    }
+    Ok(())
+}

@@ -27,63 +27,25 @@ impl TrainableUnet {
             VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
             config,
         )?;
-        let vars = sorted_vars(&varmap)?;
-        let dims_of = |name: &str| {
-            vars.iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.dims().to_vec())
-        };
-        let mut rng = SeededRng::new(seed);
-        for (name, var) in &vars {
-            let dims = var.dims().to_vec();
-            let n: usize = dims.iter().product();
-            let weight_dims = match name.strip_suffix(".bias") {
-                Some(stem) => dims_of(&format!("{stem}.weight")).unwrap_or_default(),
-                None => dims.clone(),
-            };
-            let values: Vec<f32> = if weight_dims.len() <= 1 {
-                // A norm (group or layer): weight 1, bias 0.
-                vec![if name.ends_with(".weight") { 1.0 } else { 0.0 }; n]
-            } else {
-                let fan_in: usize = weight_dims[1..].iter().product();
-                let bound = 1.0 / (fan_in as f64).sqrt();
-                (0..n)
-                    .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
-                    .collect()
-            };
-            var.set(&Tensor::from_vec(values, dims, &Device::Cpu)?)?;
-        }
+        train::init_pytorch_default(&varmap, seed)?;
         Ok(Self { varmap, unet })
     }
 
     pub fn vars(&self) -> anyhow::Result<Vec<(String, Var)>> {
-        sorted_vars(&self.varmap)
+        train::sorted_vars(&self.varmap)
     }
 
     /// Every tensor by its diffusers name (copies).
     pub fn tensors(&self) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
-        Ok(sorted_vars(&self.varmap)?
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().copy().expect("a CPU copy")))
-            .collect())
+        train::var_tensors(&self.varmap)
     }
 
     pub fn parameters(&self) -> anyhow::Result<usize> {
-        Ok(sorted_vars(&self.varmap)?
+        Ok(train::sorted_vars(&self.varmap)?
             .iter()
             .map(|(_, v)| v.elem_count())
             .sum())
     }
-}
-
-fn sorted_vars(varmap: &VarMap) -> anyhow::Result<Vec<(String, Var)>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned variable map"))?;
-    let mut named: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(named)
 }
 
 /// The noise schedule the objective uses: `alphas_cumprod` per training timestep, and the
